@@ -1,0 +1,249 @@
+"""Typed configs: dataclasses loaded from YAML and overridden from the command line.
+
+Every config in the project is a plain dataclass. Fields carry their constraints in
+``metadata`` (see :func:`param`), and :func:`from_dict` checks keys, types and ranges,
+raising :class:`ConfigError` with a one-line message naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from unlearning.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError, ValueError):
+    """A config key is unknown, of the wrong type, or out of range."""
+
+
+def param(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,
+          max: float | None = None, choices: typing.Sequence[Any] | None = None,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a help text and optional range or choice constraints."""
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"{key}: {v!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if meta.get("min") is not None and v < meta["min"]:
+                raise ConfigError(f"{key}: {v!r} is below the minimum {meta['min']}")
+            if meta.get("max") is not None and v > meta["max"]:
+                raise ConfigError(f"{key}: {v!r} is above the maximum {meta['max']}")
+
+
+def from_dict(cls: type[T], data: typing.Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking every key, type and range."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name in data:
+            value = _coerce(data[name], hints[name], key)
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        else:
+            raise ConfigError(f"{key}: required key is missing")
+        _check_range(value, f.metadata, key)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe dict of a config dataclass (tuples become lists)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return clean(dataclasses.asdict(cfg))
+
+
+def parse_overrides(args: typing.Sequence[str]) -> dict[str, Any]:
+    """Turn ``['--train.lr', '2e-4', '--layers=[5,10]']`` into a nested dict.
+
+    Values are parsed as YAML, so numbers, booleans and lists read naturally.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"{arg}: overrides are written --dotted.key value (or --dotted.key=value)")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+                raw, i = "true", i + 1  # a bare flag means true
+            else:
+                raw, i = args[i + 1], i + 2
+            key = body
+        key = key.replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def merge(base: dict[str, Any], update: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                base: typing.Mapping[str, Any] | None = None) -> T:
+    """Defaults of ``cls`` <- ``base`` <- YAML file <- command-line overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = merge(data, read_yaml(path))
+    data = merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)

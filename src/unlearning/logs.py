@@ -1,0 +1,87 @@
+"""Logging set-up and the per-step metrics logger (JSON lines, optional W&B / TensorBoard)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from unlearning.io import append_jsonl
+
+log = logging.getLogger("unlearning")
+
+
+def setup_logging(level: str | int = "INFO", logfile: str | Path | None = None) -> None:
+    """Log to stderr (and to ``logfile`` when given) with one consistent format."""
+    root = logging.getLogger("unlearning")
+    root.setLevel(level if isinstance(level, int) else level.upper())
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_unlearning", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        h._unlearning = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    if logfile is not None:
+        path = str(Path(logfile).resolve())
+        if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+            fh = logging.FileHandler(path)
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+    root.propagate = False
+
+
+class MetricsLogger:
+    """Writes one JSON record per call to ``metrics.jsonl``; mirrors to W&B / TensorBoard if asked.
+
+    Only the main process (rank 0) writes, so the same code runs under torchrun.
+    """
+
+    def __init__(self, path: str | Path, *, wandb_project: str | None = None,
+                 tensorboard_dir: str | Path | None = None, run_name: str | None = None,
+                 config: dict[str, Any] | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._wandb = None
+        self._tb = None
+        self._t0 = time.time()
+        if not enabled:
+            return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install wandb") from e
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("logging.tensorboard is set but tensorboard is not installed: "
+                                   "pip install tensorboard") from e
+            self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, record: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        rec = dict(record)
+        if step is not None:
+            rec.setdefault("step", step)
+        rec.setdefault("time", round(time.time() - self._t0, 3))
+        append_jsonl(self.path, rec)
+        numeric = {k: v for k, v in rec.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=rec.get("step"))
+        if self._tb is not None:
+            for k, v in numeric.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, rec.get("step", 0))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,23 @@
+"""Shared test set-up: CPU threads, a repo-local cache, and one tiny organism build for the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before torch is imported: passive OpenMP waits (2-thread runs otherwise crawl on small machines).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+# Tests share one organism build: a repo-local cache survives between local runs and is built once in CI.
+os.environ.setdefault("UNLEARNING_HOME", str(REPO / ".cache" / "unlearning"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tmp_runs(tmp_path, monkeypatch):
+    """Run directories go under a temp folder."""
+    monkeypatch.setenv("UNLEARNING_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"

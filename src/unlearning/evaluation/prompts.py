@@ -1,0 +1,77 @@
+"""Prompt formats, built exactly as lm-evaluation-harness builds them (zero-shot).
+
+Two formats, each a ``(context, continuations)`` pair per question; the model scores every
+continuation given the context:
+
+* **letter** (lm-eval's ``wmdp_bio`` / ``mmlu`` tasks)::
+
+      The following are multiple choice questions (with answers) about {subject}.\\n\\n
+      {question.strip()}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer:
+
+  continuations ``" A" " B" " C" " D"`` (lm-eval's ``target_delimiter`` " " + choice letter).
+
+* **cloze**, the question format (lm-eval's ``*_continuation`` tasks and the notebook's
+  ``correct_prob``)::
+
+      Question: {question.strip()}\\nAnswer:
+
+  continuations ``" " + choice_text`` for every choice.
+
+In lm-eval the zero-shot context is ``description + doc_to_text(doc)`` (the task description is
+its "system" message, joined with no delimiter), and each continuation is
+``target_delimiter + choice``. MMLU subject names reach the header with underscores as spaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+LETTERS = ("A", "B", "C", "D")
+TARGET_DELIMITER = " "  # lm-eval's default ``target_delimiter``
+FORMATS = ("letter", "cloze")
+
+
+def subject_header(subject: str) -> str:
+    """The WMDP / MMLU task description, e.g. ``...about high school biology.\\n\\n``."""
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def letter_question(question: str, choices: Sequence[str]) -> str:
+    """lm-eval's ``doc_to_text`` of WMDP and MMLU (four choices, A to D)."""
+    if len(choices) != len(LETTERS):
+        raise ValueError(f"the letter format has exactly {len(LETTERS)} choices, got {len(choices)}")
+    lines = [question.strip()]
+    lines += [f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def cloze_question(question: str) -> str:
+    """lm-eval's ``doc_to_text`` of the question (continuation) format."""
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def letter_prompt(question: str, choices: Sequence[str], subject: str,
+                  description: str | None = None) -> tuple[str, list[str]]:
+    """``(context, continuations)`` of one letter-format question."""
+    if description is None and not subject:
+        raise ValueError("the letter format needs a subject for its header (or an explicit description)")
+    header = subject_header(subject) if description is None else description
+    context = header + letter_question(question, choices)
+    return context, [TARGET_DELIMITER + letter for letter in LETTERS[:len(choices)]]
+
+
+def cloze_prompt(question: str, choices: Sequence[str],
+                 description: str | None = None) -> tuple[str, list[str]]:
+    """``(context, continuations)`` of one question-format item (no header unless given)."""
+    context = (description or "") + cloze_question(question)
+    return context, [TARGET_DELIMITER + choice for choice in choices]
+
+
+def build_prompt(format: str, question: str, choices: Sequence[str], subject: str = "",
+                 description: str | None = None) -> tuple[str, list[str]]:
+    """Dispatch on the task format: ``letter`` or ``cloze``."""
+    if format == "letter":
+        return letter_prompt(question, choices, subject, description)
+    if format == "cloze":
+        return cloze_prompt(question, choices, description)
+    raise ValueError(f"format: {format!r} is not known; choose one of {', '.join(FORMATS)}")

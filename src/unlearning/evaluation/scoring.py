@@ -1,0 +1,261 @@
+"""Log-likelihoods of continuations, tokenized and batched as lm-evaluation-harness's ``HFLM`` does.
+
+Tokenization (lm-eval 0.4.x, ``TemplateLM._encode_pair`` and ``HFLM.tok_encode``):
+
+* trailing whitespace of the context moves to the front of the continuation;
+* ``whole = encode(context + continuation)``, ``ctx = encode(context)``, and the continuation's
+  tokens are ``whole[len(ctx):]`` (so a merge across the boundary is scored as lm-eval scores it);
+* special tokens: ``add_bos_token=None`` (HFLM's default) keeps the tokenizer's own behaviour
+  (Llama adds BOS, GPT-NeoX and GPT-2 add nothing), except that a text already starting with
+  the BOS (or EOS) string gets no second one; ``True`` puts BOS first; ``False`` adds nothing;
+* an empty context is replaced by the prefix token (BOS, else EOS).
+
+Scoring (``HFLM._loglikelihood_tokens``): the model reads ``(ctx + cont)[-(max_length + 1):][:-1]``
+(truncated from the left), the continuation's log-probabilities are read from the last
+``len(cont)`` positions and summed; ``is_greedy`` says whether arg-max decoding gives the
+continuation. Requests are sorted longest first, right-padded (with an attention mask) and put
+back in their original order. Log-softmax is taken in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from unlearning.runtime import autocast, is_main_process, resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names one
+TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
+
+TokenPair = tuple[list[int], list[int]]
+
+
+class LogLikelihood(float):
+    """A summed log-probability (a plain float to arithmetic) that also carries ``is_greedy``."""
+
+    is_greedy: bool
+
+    def __new__(cls, value: float, is_greedy: bool) -> "LogLikelihood":
+        obj = super().__new__(cls, value)
+        obj.is_greedy = bool(is_greedy)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"LogLikelihood({float(self)!r}, is_greedy={self.is_greedy})"
+
+    def __reduce__(self):  # keep is_greedy through pickling (torch.distributed gathers, workers)
+        return (LogLikelihood, (float(self), self.is_greedy))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+def prefix_token_id(tokenizer) -> int | None:
+    """The token that stands in for an empty context: BOS, else EOS (lm-eval's ``prefix_token_id``)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def tok_encode(tokenizer, text: str, add_bos_token: bool | None = None,
+               add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of ``text`` with lm-eval's special-token rule (see the module docstring)."""
+    if add_special_tokens is None and add_bos_token is True:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("add_bos_token: the tokenizer has no BOS token; use add_bos_token false or auto")
+        return ids if ids[:1] == [bos] else [bos, *ids]
+    if add_special_tokens is not None:
+        kwargs = {"add_special_tokens": add_special_tokens}
+    elif add_bos_token is not None:
+        kwargs = {"add_special_tokens": add_bos_token}
+    else:
+        kwargs = {}
+        prefix = prefix_token_id(tokenizer)
+        if prefix is not None:
+            prefix_text = tokenizer.decode([prefix])
+            if prefix_text and text.startswith(prefix_text):
+                kwargs = {"add_special_tokens": False}  # the text already carries its BOS
+    return list(tokenizer.encode(text, **kwargs))
+
+
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_bos_token: bool | None = None) -> TokenPair:
+    """``(context_ids, continuation_ids)`` exactly as lm-eval's causal ``_encode_pair`` (plus its
+    empty-context rule from ``TemplateLM.loglikelihood``)."""
+    if context == "":
+        cont = tok_encode(tokenizer, continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        if prefix is None:
+            raise ValueError("an empty context needs a BOS or EOS token to stand in for it")
+        if cont[:1] == [prefix]:
+            return cont[:1], cont[1:]
+        return [prefix], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok_encode(tokenizer, context + continuation, add_bos_token)
+    ctx = tok_encode(tokenizer, context, add_bos_token)
+    return ctx, whole[len(ctx):]
+
+
+def model_max_length(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
+    """lm-eval's ``resolve_max_length``: config length fields, then the tokenizer, then 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != TOKENIZER_INFINITY:
+        return int(limit)
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# running the model
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _mixed_precision_dtype(model, device: torch.device, mixed_precision: bool | None) -> torch.dtype:
+    """bf16 autocast on a GPU for an fp32 model (``None``), always (``True``) or never (``False``)."""
+    if mixed_precision is None:
+        param_dtype = next(model.parameters()).dtype
+        mixed_precision = (device.type == "cuda" and param_dtype == torch.float32
+                           and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if mixed_precision else torch.float32
+
+
+@contextlib.contextmanager
+def inference(model, device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """Eval mode and ``torch.inference_mode`` for the block; the training mode is restored after."""
+    dev = model_device(model) if device is None else resolve_device(str(device))
+    if model_device(model) != dev:
+        model.to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield dev
+    finally:
+        model.train(was_training)
+
+
+def _warn_truncated(count: int, limit: int) -> None:
+    if count:
+        log.warning("%d requests are longer than the model's %d tokens; their contexts were truncated "
+                    "from the left (as lm-eval does)", count, limit)
+
+
+def _forward_longest_first(model, rows: Sequence[list[int]], *, batch_size: int, device: torch.device,
+                           mixed_precision: bool | None, desc: str, progress: bool,
+                           ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(row indices, logits [b, T, V])`` for batches of rows sorted longest first.
+
+    Rows are right-padded, so every real token keeps its position; the attention mask hides the
+    padding from nothing that is read back (causal attention never looks right).
+    """
+    amp = _mixed_precision_dtype(model, device, mixed_precision)
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
+    bar = tqdm(total=len(rows), desc=desc, disable=not progress or not is_main_process(), leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = len(rows[idx[0]])
+        input_ids = torch.zeros(len(idx), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            input_ids[r, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+            attention_mask[r, :len(rows[i])] = 1
+        with autocast(device, amp):
+            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        use_cache=False)
+        yield idx, out.logits
+        bar.update(len(idx))
+    bar.close()
+
+
+def loglikelihood_tokens(model, pairs: Sequence[TokenPair], *, batch_size: int = 32,
+                         max_length: int | None = None, device: str | torch.device | None = None,
+                         mixed_precision: bool | None = None, progress: bool = True,
+                         ) -> list[LogLikelihood]:
+    """Summed log-probability of each tokenized continuation given its tokenized context."""
+    limit = max_length or model_max_length(model)
+    inputs = []
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise ValueError("every request needs at least one context and one continuation token")
+        if len(cont) > limit:
+            raise ValueError(f"a continuation of {len(cont)} tokens exceeds the model's maximum length {limit}")
+        inputs.append((ctx + cont)[-(limit + 1):][:-1])  # truncated from the left, as lm-eval
+    _warn_truncated(sum(len(c) + len(x) > limit + 1 for c, x in pairs), limit)
+    results: list[LogLikelihood | None] = [None] * len(pairs)
+    with inference(model, device) as dev:
+        for idx, logits in _forward_longest_first(model, inputs, batch_size=batch_size, device=dev,
+                                                  mixed_precision=mixed_precision,
+                                                  desc="log-likelihoods", progress=progress):
+            sums, greedy = [], []
+            for r, i in enumerate(idx):
+                cont = torch.tensor(pairs[i][1], device=logits.device)
+                end = len(inputs[i])
+                logprobs = logits[r, end - len(cont):end].float().log_softmax(-1)
+                sums.append(logprobs.gather(-1, cont[:, None]).sum())
+                greedy.append((logprobs.argmax(-1) == cont).all())
+            for i, value, is_greedy in zip(idx, torch.stack(sums).tolist(), torch.stack(greedy).tolist()):
+                results[i] = LogLikelihood(value, is_greedy)
+    return results  # type: ignore[return-value]
+
+
+def next_token_loglikelihoods(model, contexts: Sequence[list[int]], candidates: Sequence[list[int]], *,
+                              batch_size: int = 32, max_length: int | None = None,
+                              device: str | torch.device | None = None,
+                              mixed_precision: bool | None = None, progress: bool = True,
+                              ) -> list[list[LogLikelihood]]:
+    """Log-probability of each one-token candidate after its context, all from ONE forward pass of
+    the context (the letter format's ``" A"``..``" D"``). Equal to :func:`loglikelihood_tokens` on
+    the pairs ``(context, [candidate])``: lm-eval reads the same position of the same input."""
+    limit = max_length or model_max_length(model)
+    rows = [list(ctx[-limit:]) for ctx in contexts]
+    _warn_truncated(sum(len(ctx) > limit for ctx in contexts), limit)
+    if any(not row for row in rows):
+        raise ValueError("every context needs at least one token")
+    results: list[list[LogLikelihood] | None] = [None] * len(rows)
+    with inference(model, device) as dev:
+        for idx, logits in _forward_longest_first(model, rows, batch_size=batch_size, device=dev,
+                                                  mixed_precision=mixed_precision,
+                                                  desc="letter log-likelihoods", progress=progress):
+            ends = torch.tensor([len(rows[i]) - 1 for i in idx], device=logits.device)
+            logprobs = logits[torch.arange(len(idx), device=logits.device), ends].float().log_softmax(-1)
+            best = logprobs.argmax(-1).tolist()
+            for r, i in enumerate(idx):
+                values = logprobs[r, list(candidates[i])].tolist()
+                results[i] = [LogLikelihood(v, best[r] == c) for v, c in zip(values, candidates[i])]
+    return results  # type: ignore[return-value]
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 32,
+                   device: str | torch.device | None = None, *, add_bos_token: bool | None = None,
+                   max_length: int | None = None, mixed_precision: bool | None = None,
+                   progress: bool = True) -> list[LogLikelihood]:
+    """Summed log-probability of each ``(context, continuation)`` request, lm-eval's way.
+
+    Each result is a float (the summed log-probability) with an ``is_greedy`` attribute.
+    ``device=None`` uses the model's device; ``max_length=None`` the model's (lm-eval's rule).
+    """
+    pairs = [encode_pair(tokenizer, ctx, cont, add_bos_token) for ctx, cont in requests]
+    limit = max_length or model_max_length(model, tokenizer)
+    return loglikelihood_tokens(model, pairs, batch_size=batch_size, max_length=limit, device=device,
+                                mixed_precision=mixed_precision, progress=progress)

@@ -1,0 +1,162 @@
+"""Hub datasets at pinned revisions, with local-file stand-ins and fast, clear offline failures.
+
+Every named benchmark and corpus of the project is a :class:`HubDataset`: a hub id, a config, a
+split and a pinned revision. It is read, in this order, from
+
+1. an explicit local file (``--tasks wmdp_bio=/path/file.parquet``; ``source: /path/file.jsonl``);
+2. ``$UNLEARNING_DATA_DIR/<name>.{parquet,jsonl,json}`` (or a folder ``<name>/`` of such files):
+   the same run configs then work on a machine without hub access;
+3. the Hugging Face hub (or its local cache under ``HF_HOME``) through ``datasets``.
+
+A local file has the hub dataset's columns (see docs/benchmarks.md). Reaching the hub is tried
+once with a short timeout before ``datasets`` (which otherwise retries for half a minute); an
+unreachable, gated or missing dataset raises :class:`DataError` naming the id, the revision,
+``HF_HOME`` / ``HF_HUB_OFFLINE`` and the local-file alternatives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unlearning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "UNLEARNING_DATA_DIR"
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
+HUB_TIMEOUT_S = 10.0
+_reachable: dict[tuple[str, str | None], None] = {}  # hub ids already found reachable in this process
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """Where a named dataset lives on the hub."""
+
+    path: str  # hub id, e.g. "cais/mmlu"
+    name: str | None  # config, e.g. "anatomy"
+    split: str
+    revision: str | None  # pinned commit; None: the default branch (a warning says it is unpinned)
+
+    def describe(self) -> str:
+        at = f"@{self.revision[:12]}" if self.revision else "@main (unpinned)"
+        cfg = f", config {self.name!r}" if self.name else ""
+        return f"{self.path}{at}{cfg}, split {self.split!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# local files
+
+
+def data_dir() -> Path | None:
+    value = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def local_override(name: str) -> Path | None:
+    """``$UNLEARNING_DATA_DIR/<name>.parquet|.jsonl|.json`` or ``<name>/`` when present."""
+    root = data_dir()
+    if root is None:
+        return None
+    for suffix in LOCAL_SUFFIXES:
+        if (root / f"{name}{suffix}").is_file():
+            return root / f"{name}{suffix}"
+    if (root / name).is_dir() and any(p.suffix in LOCAL_SUFFIXES for p in (root / name).iterdir()):
+        return root / name
+    return None
+
+
+def read_local_rows(path: str | Path, what: str) -> list[dict[str, Any]]:
+    """Rows of a ``.parquet`` / ``.jsonl`` / ``.json`` file, or of every such file in a folder
+    (in name order; each row gets ``_file``: the file's stem, e.g. an MMLU subject)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"{what}: folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        return [{**row, "_file": f.stem} for f in files for row in read_local_rows(f, what)]
+    if not path.is_file():
+        raise DataError(f"{what}: local file {path} not found")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{what}: {path} is not a {'/'.join(LOCAL_SUFFIXES)} file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what}: {path} is empty")
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many kinds for a malformed file
+        raise DataError(f"{what}: {path} cannot be read as {builder} ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise DataError(f"{what}: {path} has no rows")
+    return ds.to_list()
+
+
+def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], what: str, source: str) -> None:
+    """Fail naming the first row that lacks one of ``columns`` (row numbers are 1-based)."""
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(f"{what}: {source}, row {i + 1} has no {missing[0]!r} column (columns: "
+                            f"{', '.join(k for k in row if not k.startswith('_'))}); the schema is "
+                            f"{', '.join(columns)} (see docs/benchmarks.md)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the hub
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _fix_hint(local_hint: str) -> str:
+    from huggingface_hub import constants
+    return (f"Either give a local file in the same schema ({local_hint}, or put it in ${DATA_DIR_ENV}), or "
+            f"download it where the hub is reachable into the Hugging Face cache (HF_HOME, now "
+            f"{constants.HF_HOME}) and set HF_HUB_OFFLINE=1 here to read that cache")
+
+
+def _check_reachable(spec: HubDataset, what: str, local_hint: str) -> None:
+    """One metadata request with a short timeout, so an unreachable hub fails at once."""
+    key = (spec.path, spec.revision)
+    if hub_offline() or key in _reachable:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        HfApi().dataset_info(spec.path, revision=spec.revision, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        reason = "the dataset is gated: accept its terms on the hub and log in (`hf auth login`)"
+    except RevisionNotFoundError:
+        reason = f"the hub has no revision {spec.revision!r}"
+    except RepositoryNotFoundError:
+        reason = "the hub has no such dataset (or it is private or gated: log in with `hf auth login`)"
+    except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
+        reason = f"the hub cannot be reached ({type(e).__name__}: {e})"
+    else:
+        _reachable[key] = None
+        return
+    raise DataError(f"{what}: {spec.describe()}: {reason}. {_fix_hint(local_hint)}")
+
+
+def load_hub_dataset(spec: HubDataset, what: str, local_hint: str) -> Any:
+    """``datasets.Dataset`` of ``spec`` (from the cache when offline); DataError on failure."""
+    _check_reachable(spec, what, local_hint)
+    if spec.revision is None:
+        log.warning("%s: %s is not pinned to a revision; results may change when the dataset does",
+                    what, spec.path)
+    import datasets
+    try:
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
+    except Exception as e:  # offline without a cache, wrong split, gated: say which and how to fix
+        reason = f"{type(e).__name__}: {e}"
+        if hub_offline():
+            reason += " (HF_HUB_OFFLINE is set and the dataset is not in the cache)"
+        raise DataError(f"{what}: {spec.describe()} could not be loaded ({reason}). "
+                        f"{_fix_hint(local_hint)}") from None

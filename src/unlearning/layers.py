@@ -1,0 +1,436 @@
+"""Family-agnostic access to a causal LM's decoder layers, and every hook the methods need.
+
+Everything that reaches inside a model lives here:
+
+- :func:`get_parts` finds the embedding, decoder layers, final norm, unembedding and rotary
+  embedding of GPT-NeoX, Llama/Mistral/Qwen2 and GPT-2 models, through peft / DDP / FSDP /
+  ``torch.compile`` wrappers.
+- :func:`capture_hidden` / :func:`forward_until` record decoder-block outputs with forward hooks,
+  optionally stopping the forward pass right after the deepest layer that is needed.
+- :func:`original_layers_after` / :func:`original_model` make (part of) the model compute as the
+  original model: LoRA adapters switched off, or stored copies of fully fine-tuned layers swapped in.
+  This is the "probe" of sequential unlearning: current layers ``0..L``, then the original layers
+  after ``L``, the original final norm and the original unembedding.
+- :func:`parse_layer_spec` / :func:`check_layers` turn ``"31->11:4"`` into layer indices.
+
+All of these run the model's own ``forward``: nothing here re-implements attention masks or
+position handling, so every family behaves exactly as Hugging Face computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from unlearning.config import ConfigError
+from unlearning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model parts
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where one architecture keeps its parts, as dotted paths from the ``*ForCausalLM`` model."""
+
+    name: str
+    model_types: tuple[str, ...]
+    embed: str
+    layers: str
+    final_norm: str
+    lm_head: tuple[str, ...]  # candidates: GPT-NeoX named it embed_out before transformers 5
+    rotary: str | None
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.embed_in", "gpt_neox.layers",
+           "gpt_neox.final_layer_norm", ("embed_out", "lm_head"), "gpt_neox.rotary_emb"),
+    Family("llama", ("llama", "mistral", "qwen2"), "model.embed_tokens", "model.layers",
+           "model.norm", ("lm_head",), "model.rotary_emb"),
+    Family("gpt2", ("gpt2",), "transformer.wte", "transformer.h", "transformer.ln_f",
+           ("lm_head",), None),
+)
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """The pieces of a decoder-only LM, as the live modules of the (unwrapped) model."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    rotary: nn.Module | None
+    family: str
+    model: nn.Module  # the unwrapped Hugging Face model the parts belong to
+
+    def part(self, key: int | str) -> nn.Module:
+        """Layer ``key`` (an int) or a named part (``"final_norm"``, ``"lm_head"``, ``"embed"``)."""
+        if isinstance(key, int):
+            return self.layers[key]
+        if key in ("embed", "final_norm", "lm_head"):
+            return getattr(self, key)
+        raise KeyError(f"unknown model part {key!r}: use a layer index, 'embed', 'final_norm' or 'lm_head'")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip peft, DDP / DataParallel, FSDP (v1) and ``torch.compile`` wrappers.
+
+    FSDP2 (``fully_shard``) changes modules in place, so there is nothing to strip for it.
+    peft changes the Linear modules in place too: the returned model holds the LoRA layers.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    for _ in range(10):  # wrappers nest a few deep at most
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):  # LoraModel
+            model = model.model
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel, FSDP
+            model = model.module
+        else:
+            return model
+    return model
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _parts_for(model: nn.Module, fam: Family) -> ModelParts | None:
+    layers = _get_path(model, fam.layers)
+    final_norm = _get_path(model, fam.final_norm)
+    embed = _get_path(model, fam.embed)
+    lm_head = next((m for p in fam.lm_head if (m := _get_path(model, p)) is not None), None)
+    if not isinstance(layers, nn.ModuleList) or final_norm is None or embed is None or lm_head is None:
+        return None
+    rotary = _get_path(model, fam.rotary) if fam.rotary else None
+    return ModelParts(embed, layers, final_norm, lm_head, rotary, fam.name, model)
+
+
+def get_parts(model: nn.Module) -> ModelParts:
+    """The parts of ``model`` (peft / DDP / FSDP wrappers allowed).
+
+    The family is chosen by ``config.model_type``; an architecture not in :data:`FAMILIES` is
+    accepted when its modules sit where one of the families keeps them (for example other
+    Llama-layout models), and refused otherwise with a :class:`UserError`.
+    """
+    inner = unwrap_model(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            parts = _parts_for(inner, fam)
+            if parts is None:
+                raise UserError(f"model: a {model_type} model without the expected modules "
+                                f"({fam.layers}, {fam.final_norm}); is it a *ForCausalLM model?")
+            return parts
+    for fam in FAMILIES:
+        parts = _parts_for(inner, fam)
+        if parts is not None:
+            log.debug("model_type %r is not in the family table; using the %s layout", model_type, fam.name)
+            return parts
+    known = ", ".join(t for fam in FAMILIES for t in fam.model_types)
+    raise UserError(f"model: unsupported architecture {type(inner).__name__} (model_type {model_type!r}); "
+                    f"supported: {known} causal LMs. Add its layout to unlearning.layers.FAMILIES.")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_parts(model).layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer specs
+
+
+def _depth(model_or_depth: nn.Module | int) -> int:
+    return model_or_depth if isinstance(model_or_depth, int) else num_layers(model_or_depth)
+
+
+def check_layers(model_or_depth: nn.Module | int, indices: Sequence[int], field: str = "layers") -> list[int]:
+    """Raise a :class:`ConfigError` naming ``field`` and the model's depth for an index outside it."""
+    depth = _depth(model_or_depth)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ConfigError(f"{field}: layer {i!r} is not an integer index")
+        if not 0 <= i < depth:
+            raise ConfigError(f"{field}: layer {i} is outside the model: it has {depth} layers (0..{depth - 1})")
+    return list(indices)
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:->|→|-)\s*(\d+)\s*(?::\s*(\d+))?\s*$")
+
+
+def parse_layer_spec(spec: str | int | Sequence[int], depth: int, *, field: str = "layers",
+                     clip_to_depth: bool = False) -> list[int]:
+    """Layer indices from a spec, in the order given.
+
+    - ``"31->11:4"`` -> ``[31, 27, 23, 19, 15, 11]`` (start, stop, step; the stop is included
+      when the steps land on it; either direction; ``→`` also accepted; step defaults to 1);
+    - ``"all"`` -> ``[0, ..., depth - 1]``;
+    - a list, a single int, or a comma-separated string ``"5,10,15"``.
+
+    With ``clip_to_depth`` (for defaults written for deep models, like ``[5, 10, ..., 30]``),
+    indices beyond the model are dropped instead of raising; if none remain, the last layer is used.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower() == "all":
+            return list(range(depth))
+        m = _RANGE.match(text)
+        if m:
+            start, stop, step = int(m[1]), int(m[2]), int(m[3] or 1)
+            if step == 0:
+                raise ConfigError(f"{field}: {spec!r} has step 0; write start->stop:step with step >= 1")
+            sign = -1 if stop < start else 1
+            indices = list(range(start, stop + sign, sign * step))
+        else:
+            try:
+                indices = [int(x) for x in text.strip("[]").replace(",", " ").split()]
+            except ValueError:
+                raise ConfigError(f"{field}: cannot read {spec!r}; write 'all', a list like [5, 10], "
+                                  f"or a range like '31->11:4' (start->stop:step)") from None
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        indices = [spec]
+    elif isinstance(spec, (list, tuple)):
+        indices = list(spec)
+    else:
+        raise ConfigError(f"{field}: expected 'all', a list of layers or 'start->stop:step', got {spec!r}")
+    if not indices:
+        raise ConfigError(f"{field}: the layer list is empty")
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"{field}: layer {next(i for i in indices if indices.count(i) > 1)} is listed twice")
+    if clip_to_depth:
+        kept = [i for i in indices if isinstance(i, int) and 0 <= i < depth]
+        if len(kept) < len(indices):
+            kept = kept or [depth - 1]
+            log.info("%s: %s clipped to %s for a model with %d layers", field, indices, kept, depth)
+        indices = kept
+    return check_layers(depth, indices, field)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-state capture and early stop
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the needed layers have run."""
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    # transformers >= 4.54 blocks return the hidden states; older ones a tuple led by them
+    return output if torch.is_tensor(output) else output[0]
+
+
+@contextlib.contextmanager
+def capture_hidden(model: nn.Module, layers: Sequence[int], *,
+                   stop_after: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the outputs of decoder blocks ``layers`` during forward passes inside the block.
+
+    Yields a dict ``{layer: tensor [batch, seq, hidden]}`` filled by the forward pass (a later
+    pass overwrites it). Block ``i``'s output equals Hugging Face's ``hidden_states[i + 1]`` for
+    every block but the last, whose ``hidden_states`` entry has the final norm applied.
+    Gradients flow through the recorded tensors.
+
+    With ``stop_after=True`` the forward pass ends right after the deepest requested block (the
+    rest of the model never runs) and the context swallows that stop, so code after the model
+    call inside the ``with`` block does not run; :func:`forward_until` wraps this.
+    """
+    parts = get_parts(model)
+    wanted = sorted(set(check_layers(len(parts.layers), list(layers), "layers")))
+    last = wanted[-1]
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(idx: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured[idx] = _block_output(output)
+            if stop_after and idx == last:
+                raise _StopForward
+        return hook
+
+    handles = [parts.layers[i].register_forward_hook(make_hook(i)) for i in wanted]
+    try:
+        yield captured
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  layers: Sequence[int] = ()) -> dict[int, torch.Tensor]:
+    """Run ``model`` only as far as the deepest of ``layers``; return their block outputs.
+
+    Under DDP, prefer the unwrapped module for such partial passes (DDP expects every forward to
+    finish); the gradients of the recorded tensors are ordinary autograd gradients.
+    """
+    if not layers:
+        raise ValueError("forward_until: give at least one layer")
+    with capture_hidden(model, layers, stop_after=True) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    missing = set(layers) - set(captured)
+    if missing:  # a model that skips blocks (never for the supported families)
+        raise RuntimeError(f"forward_until: layers {sorted(missing)} did not run")
+    return captured
+
+
+# ----------------------------------------------------------------------------------------------
+# The original model: LoRA adapters switched off, or stored copies of changed layers
+
+
+class OriginalWeights:
+    """Copies of the original parameters of the parts that full fine-tuning changes, and only those.
+
+    Call :meth:`snapshot` for a layer (or ``"final_norm"`` / ``"lm_head"`` / ``"embed"``) before
+    its parameters first move; later calls for the same part keep the first copy. The copies are
+    detached, never require gradients, and live on the parameters' device and dtype.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._parts = get_parts(model)
+        self._store: dict[int | str, dict[str, torch.Tensor]] = {}
+
+    def snapshot(self, key: int | str, source: nn.Module | None = None) -> None:
+        """Store part ``key``'s current parameters (or those of the same part of ``source``,
+        an original model loaded again, e.g. to rebuild the store when a run resumes)."""
+        if isinstance(key, int):
+            check_layers(len(self._parts.layers), [key], "snapshot")
+        if key in self._store:
+            return
+        target = self._parts.part(key)
+        module = get_parts(source).part(key) if source is not None else target
+        current = dict(target.named_parameters())
+        copies = {n: p.detach().to(current[n].device, current[n].dtype, copy=True)
+                  for n, p in module.named_parameters() if n in current}
+        if set(copies) != set(current):
+            raise ValueError(f"snapshot({key!r}): source has parameters {sorted(copies)}, "
+                             f"model has {sorted(current)}")
+        self._store[key] = copies
+
+    def keys(self) -> list[int | str]:
+        return list(self._store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+    def __getitem__(self, key: int | str) -> dict[str, torch.Tensor]:
+        return self._store[key]
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self._store.values() for t in d.values())
+
+    def __repr__(self) -> str:
+        return f"OriginalWeights(parts={self.keys()}, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+def _adapter_modules(module: nn.Module) -> list[nn.Module]:
+    """peft's per-module tuner layers (LoRA layers, modules_to_save wrappers) inside ``module``."""
+    return [m for m in module.modules() if hasattr(m, "_disable_adapters")
+            or isinstance(getattr(m, "disable_adapters", None), bool)]  # peft < 0.6: a plain flag
+
+
+def _set_adapter_disabled(m: nn.Module, disabled: bool) -> None:
+    # Set the flag directly: peft's enable_adapters(True) would also reset requires_grad on every
+    # adapter, un-freezing adapters a method froze on purpose.
+    if hasattr(m, "_disable_adapters"):
+        m._disable_adapters = disabled
+    else:
+        m.disable_adapters = disabled
+
+
+def _is_disabled(m: nn.Module) -> bool:
+    return bool(getattr(m, "_disable_adapters", getattr(m, "disable_adapters", False)))
+
+
+@contextlib.contextmanager
+def _as_original(model: nn.Module, keys: Sequence[int | str], originals: OriginalWeights | None,
+                 whole_model: bool = False) -> Iterator[None]:
+    """Inside the block, parts ``keys`` (with ``whole_model``, every adapter) compute as the original."""
+    parts = get_parts(model)
+    all_adapters = _adapter_modules(parts.model)
+    if originals is None and not all_adapters:
+        raise UserError("original weights: the model has no LoRA adapters, so the original layers must come "
+                        "from an OriginalWeights store (snapshot each layer before training it)")
+    modules = [parts.part(k) for k in keys]
+    adapters = all_adapters if whole_model else [m for mod in modules for m in _adapter_modules(mod)]
+    merged = [m for m in adapters if getattr(m, "merged", False)]
+    if merged:
+        raise UserError("original weights: LoRA adapters are merged into the weights; unmerge them "
+                        "(model.unmerge_adapter()) before computing through the original layers")
+    swaps = []  # (module, param name, current Parameter)
+    if originals is not None:
+        for k in keys:
+            if k not in originals:
+                continue
+            part = parts.part(k)
+            for name, stored in originals[k].items():
+                owner_name, _, pname = name.rpartition(".")
+                owner = part.get_submodule(owner_name) if owner_name else part
+                swaps.append((owner, pname, owner._parameters[pname], stored))
+    # Under gradient checkpointing, backward re-runs a block's forward, possibly after this context
+    # has ended; the changed blocks keep their activations instead, so backward sees what forward saw.
+    checkpointed = [m for m in modules if getattr(m, "gradient_checkpointing", False)]
+
+    was_disabled = [_is_disabled(m) for m in adapters]
+    try:
+        for m in adapters:
+            _set_adapter_disabled(m, True)
+        for owner, pname, _, stored in swaps:
+            owner._parameters[pname] = stored  # a plain tensor without grad: forward uses it, nothing trains it
+        for m in checkpointed:
+            m.gradient_checkpointing = False
+        yield
+    finally:
+        for m in checkpointed:
+            m.gradient_checkpointing = True
+        for owner, pname, current, _ in reversed(swaps):
+            owner._parameters[pname] = current
+        for m, flag in zip(adapters, was_disabled):
+            _set_adapter_disabled(m, flag)
+
+
+def original_layers_after(model: nn.Module, layer: int,
+                          originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, decoder layers after ``layer``, the final norm and the unembedding compute
+    as the original model; the embedding and layers ``0..layer`` stay as they are now.
+
+    LoRA (peft) models: the adapters of those modules are switched off (and restored afterwards,
+    also on errors). Fully fine-tuned models: pass the :class:`OriginalWeights` holding the changed
+    parts; their stored copies replace the current parameters inside the block. Gradients flow
+    through the original layers back to layer ``layer`` and below; the stored copies and the
+    current parameters of the replaced parts receive none. ``layer=-1`` makes every decoder layer
+    original. Call the model (the wrapper, so DDP still works) inside the block.
+    """
+    depth = num_layers(model)
+    if not -1 <= layer < depth:
+        raise ConfigError(f"layer: {layer} is outside the model: it has {depth} layers (0..{depth - 1})")
+    keys: list[int | str] = [*range(layer + 1, depth), "final_norm", "lm_head"]
+    return _as_original(model, keys, originals)
+
+
+def original_model(model: nn.Module, originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
+    """Inside the block the whole model computes as the original (all adapters off, or every
+    stored original swapped in): the reference for retain losses, with no second copy held."""
+    keys: list[int | str] = ["embed", *range(num_layers(model)), "final_norm", "lm_head"]
+    return _as_original(model, keys, originals, whole_model=True)

@@ -1,0 +1,363 @@
+"""Every forget, retain and representation loss, as pure functions on tensors.
+
+Conventions shared by every function here:
+
+* ``mask`` is ``[batch, seq]``, bool or 0/1: which positions count. Token-level losses return
+  the MEAN over valid positions (never a sum over the sequence), so a coefficient means the
+  same at any batch size or sequence length. An all-zero mask gives 0 (still attached to the
+  graph, with zero gradient), never NaN.
+* Logits are ``[batch, seq, vocab]`` and hidden states ``[batch, seq, hidden]``; everything is
+  computed in float32 whatever the input precision.
+* The second operand of a "distance to a reference" loss (original model, teacher, reference
+  log-probabilities) is a constant: it is detached here, so callers need not remember to.
+* Per-layer losses take ``dict[layer index, Tensor]`` and average over the layers of the first
+  dict (each layer's value is already a mean over valid tokens).
+
+Position conventions: losses on logits (``random_target_ce``, ``max_entropy_kl``,
+``topk_entropy``, ``kl_retain``, ``argmax_agreement``) are per position, ``mask[:, t]`` selects
+the distribution at position t. Next-token losses (``token_logprobs``, ``nll``, NPO) score token
+t+1 from the logits at t: see :func:`token_logprobs` and :func:`next_token_mask`.
+
+Scales follow the lab notebooks (``../shared/seeds``): the max-entropy and random-target forget
+losses read 1.0 for a uniform output (the notebook's ``forget_loss`` of ~1.0-2.0), NPO starts at
+log 2 ~= 0.69, and the checkpoint-transfer MSE is a mean over the hidden dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unlearning.errors import NonFiniteLossError, UserError
+
+__all__ = [
+    "masked_mean", "draw_random_targets", "random_target_ce", "max_entropy_kl", "topk_entropy",
+    "token_logprobs", "next_token_mask", "npo_per_sequence", "npo_per_token",
+    "hidden_l2", "kl_retain", "nll",
+    "mse_to_teacher", "relu_cosine", "orthogonality", "rmu_control_vector", "rmu_forget",
+    "rmu_retain", "argmax_agreement", "l2sp", "check_finite",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _bool_mask(mask: Tensor, values: Tensor, what: str = "values") -> Tensor:
+    """``mask`` as bool, checked against the leading ``[batch, seq]`` of ``values``."""
+    if tuple(mask.shape) != tuple(values.shape[:2]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the {what} have "
+                         f"[batch, seq] = {tuple(values.shape[:2])}")
+    return mask.to(device=values.device, dtype=torch.bool)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` ``[batch, seq]`` over positions where ``mask`` is true (0 if none).
+
+    ``torch.where`` rather than multiplication, so a non-finite value at a masked position
+    cannot leak into the result.
+    """
+    m = _bool_mask(mask, values)
+    total = torch.where(m, values.float(), 0.0).sum()
+    return total / m.sum().clamp_min(1)
+
+
+def _per_layer(current: Mapping[int, Tensor], reference: Mapping[int, Tensor] | None,
+               per_token, mask: Tensor) -> Tensor:
+    """Mean over the layers of ``current`` of ``masked_mean(per_token(cur, ref), mask)``."""
+    if not current:
+        raise ValueError("no layers given: the activation dict is empty")
+    if reference is not None:
+        missing = sorted(set(current) - set(reference))
+        if missing:
+            raise ValueError(f"layers {missing} are in the current activations but not in the "
+                             f"reference ones (which have {sorted(reference)})")
+    values = []
+    for layer, acts in current.items():
+        ref = None if reference is None else reference[layer].detach().float()
+        values.append(masked_mean(per_token(acts.float(), ref), mask))
+    return torch.stack(values).mean()
+
+
+def _as_layers(acts: Mapping[int, Tensor] | Tensor) -> Mapping[int, Tensor]:
+    return {0: acts} if isinstance(acts, Tensor) else acts
+
+
+# ----------------------------------------------------------------------------- forget losses
+
+def draw_random_targets(shape: Sequence[int], vocab_size: int,
+                        generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+    """Random token ids, uniform over ``[0, vocab_size)``, drawn from ``generator``.
+
+    The ids are drawn on the generator's device (so a seeded CPU generator gives the same ids
+    on any machine) and then moved to ``device``.
+    """
+    gen_device = generator.device if generator is not None else device
+    ids = torch.randint(0, vocab_size, tuple(shape), generator=generator, device=gen_device)
+    return ids.to(device) if device is not None else ids
+
+
+def random_target_ce(logits: Tensor, mask: Tensor, targets: Tensor, normalize: bool = True) -> Tensor:
+    """Cross-entropy of each position's distribution to a given random target id.
+
+    With ``normalize`` (default) the cross-entropy is divided by log V, as the notebook's runs
+    did, so a uniform output reads exactly 1.0, and the expectation over uniformly random
+    targets equals :func:`max_entropy_kl`. ``targets`` is ``[batch, seq]``.
+    """
+    m = _bool_mask(mask, logits, "logits")
+    if tuple(targets.shape) != tuple(m.shape):
+        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(m.shape)}")
+    z = logits.float()
+    target = targets.to(device=z.device, dtype=torch.long).unsqueeze(-1)
+    ce = torch.logsumexp(z, dim=-1) - z.gather(-1, target).squeeze(-1)
+    if normalize:
+        ce = ce / math.log(z.shape[-1])
+    return masked_mean(ce, m)
+
+
+def _uniform_ce(z: Tensor) -> Tensor:
+    """Per position CE(U, softmax(z)) = -(1/V) sum_i log p_i = logsumexp(z) - mean(z)."""
+    return torch.logsumexp(z, dim=-1) - z.mean(dim=-1)
+
+
+def max_entropy_kl(logits: Tensor, mask: Tensor) -> Tensor:
+    """The max-entropy forget loss on the notebook's scale: CE(U, p) / log V.
+
+    CE(U, p) = -(1/V) sum_i log p_i = log V + KL(U || p), so the value is
+    ``1 + KL(U || p) / log V``: exactly 1.0 for a uniform output, larger the more peaked ``p``.
+    Computed from logits as ``(logsumexp(z) - mean(z)) / log V`` (no [.., V] log-softmax kept).
+    """
+    m = _bool_mask(mask, logits, "logits")
+    z = logits.float()
+    return masked_mean(_uniform_ce(z) / math.log(z.shape[-1]), m)
+
+
+def topk_entropy(logits: Tensor, mask: Tensor, k: int) -> Tensor:
+    """:func:`max_entropy_kl` over the K most likely tokens only, renormalised among themselves.
+
+    Per position: CE(U_K, softmax(top-K logits)) / log K = 1 + KL(U_K || p_K) / log K, so a
+    distribution uniform over its top K reads exactly 1.0 whatever happens outside them.
+    Gradient flows to the top-K logits only.
+    """
+    vocab = logits.shape[-1]
+    if not 2 <= k <= vocab:
+        raise UserError(f"top_k: {k} is out of range; use an integer from 2 to the vocabulary "
+                        f"size ({vocab})")
+    m = _bool_mask(mask, logits, "logits")
+    top = torch.topk(logits.float(), k, dim=-1).values
+    return masked_mean(_uniform_ce(top) / math.log(k), m)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token log-probabilities, ``[batch, seq - 1]``: entry t is log p(labels[t+1] | logits[t]).
+
+    The usual causal-LM shift: logits at position t predict the token at t+1, so the first
+    token has no log-probability and the last logits predict nothing. Labels of -100 (ignored
+    positions, as in Hugging Face) give an arbitrary finite value: mask them with
+    :func:`next_token_mask`.
+    """
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits have "
+                         f"[batch, seq] = {tuple(logits.shape[:2])}")
+    z = logits[:, :-1].float()
+    target = labels[:, 1:].long().clamp_min(0).unsqueeze(-1)
+    return z.gather(-1, target).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def next_token_mask(mask: Tensor, labels: Tensor | None = None) -> Tensor:
+    """The ``[batch, seq - 1]`` mask matching :func:`token_logprobs`: ``mask[:, 1:]``.
+
+    A predicted token counts where its own position is valid (so a token mask restricting the
+    loss to some tokens keeps its meaning), and, with ``labels``, where its label is not -100.
+    """
+    out = mask[:, 1:].to(torch.bool)
+    if labels is not None:
+        out = out & (labels[:, 1:] != -100)
+    return out
+
+
+def npo_per_sequence(logp_tokens: Tensor, ref_logp_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """NPO in the notebook's form, per sequence: mean over sequences of -log sigma(-beta * delta).
+
+    delta = sum over the sequence's valid tokens of (log p_theta - log p_ref); sequences with no
+    valid token are left out of the mean. Equals log 2 when p_theta = p_ref, and falls toward 0
+    as the model's likelihood of the forget text drops below the reference's. (No 2/beta factor:
+    the notebook's runs started at 0.69.) Inputs are ``[batch, n]`` token log-probabilities
+    (e.g. from :func:`token_logprobs`) and a mask of the same shape.
+    """
+    m = _bool_mask(mask, logp_tokens, "log-probabilities")
+    diff = logp_tokens.float() - ref_logp_tokens.detach().float()
+    delta = torch.where(m, diff, 0.0).sum(dim=-1)
+    has_tokens = m.any(dim=-1)
+    per_seq = F.softplus(beta * delta)  # -log sigmoid(-x) = log(1 + e^x)
+    return torch.where(has_tokens, per_seq, 0.0).sum() / has_tokens.sum().clamp_min(1)
+
+
+def npo_per_token(logp_tokens: Tensor, ref_logp_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """NPO per token: -log sigma(-beta (log p_theta - log p_ref)) at each valid token, then the mean.
+
+    Equals log 2 when p_theta = p_ref.
+    """
+    m = _bool_mask(mask, logp_tokens, "log-probabilities")
+    diff = logp_tokens.float() - ref_logp_tokens.detach().float()
+    return masked_mean(F.softplus(beta * diff), m)
+
+
+# ----------------------------------------------------------------------------- retain losses
+
+def hidden_l2(current: Mapping[int, Tensor], original: Mapping[int, Tensor], mask: Tensor) -> Tensor:
+    """Per token L2 norm of (current - original) hidden state, mean over valid tokens, then layers.
+
+    Not squared: the notebook's ``retain_loss`` (~0.1-7) is this norm. Its gradient at zero
+    difference is zero (the first step of LoRA, where current == original, is finite).
+    """
+    return _per_layer(current, original,
+                      lambda cur, ref: torch.linalg.vector_norm(cur - ref, dim=-1), mask)
+
+
+def kl_retain(current_logits: Tensor, original_logits: Tensor, mask: Tensor) -> Tensor:
+    """KL(original || current) over the vocabulary at each valid position, then the mean.
+
+    (The notebook's SFT runs summed over the sequence and divided by the batch size, giving
+    retain losses of 10-200; this per-token mean reads those values divided by the length.)
+    """
+    m = _bool_mask(mask, current_logits, "logits")
+    log_cur = F.log_softmax(current_logits.float(), dim=-1)
+    log_orig = F.log_softmax(original_logits.detach().float(), dim=-1)
+    kl = F.kl_div(log_cur, log_orig, reduction="none", log_target=True).sum(dim=-1)
+    return masked_mean(kl, m)
+
+
+def nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Next-token negative log-likelihood, mean over valid predicted tokens.
+
+    ``mask`` is over the input positions ``[batch, seq]``; the shift is done here
+    (see :func:`token_logprobs` and :func:`next_token_mask`).
+    """
+    _bool_mask(mask, logits, "logits")
+    return -masked_mean(token_logprobs(logits, labels), next_token_mask(mask, labels))
+
+
+# ----------------------------------------------------------------------------- representation losses
+
+def mse_to_teacher(current: Mapping[int, Tensor], teacher: Mapping[int, Tensor], mask: Tensor) -> Tensor:
+    """Squared error to the teacher's hidden states: mean over the hidden dim, valid tokens, layers.
+
+    The checkpoint-transfer forget loss (the notebook's ``cb_loss``). Any affine map from
+    teacher to model space is applied by the caller before this.
+    """
+    return _per_layer(current, teacher, lambda cur, ref: (cur - ref).pow(2).mean(dim=-1), mask)
+
+
+def relu_cosine(current: Mapping[int, Tensor], original: Mapping[int, Tensor], mask: Tensor) -> Tensor:
+    """Circuit-breaker forget loss: mean over layers and valid tokens of ReLU(cos(current, original)).
+
+    1.0 while the representations are unchanged; 0 once they are orthogonal or opposed.
+    """
+    return _per_layer(current, original,
+                      lambda cur, ref: F.cosine_similarity(cur, ref, dim=-1, eps=1e-8).relu(), mask)
+
+
+def orthogonality(acts: Mapping[int, Tensor] | Tensor, mask: Tensor) -> Tensor:
+    """Within-batch orthogonality term on forget activations (circuit breakers' ``orth_coef``).
+
+    Per layer: mean-pool each sequence's activations over its valid tokens, then take the mean
+    over pairs of distinct sequences (with at least one valid token each) of ReLU(cosine
+    similarity). 1.0 when all forget items point the same way, 0 when they are mutually
+    orthogonal (or opposed). Mean over layers. Fewer than two valid sequences gives 0.
+    (The lab's prototype multiplied this by the mean sequence length; here it stays in [0, 1].)
+    """
+    values = []
+    for layer_acts in _as_layers(acts).values():
+        m = _bool_mask(mask, layer_acts, "activations")
+        a = layer_acts.float()
+        counts = m.sum(dim=1, keepdim=True)
+        pooled = torch.where(m.unsqueeze(-1), a, 0.0).sum(dim=1) / counts.clamp_min(1)
+        unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        sim = (unit @ unit.T).relu()
+        valid = counts.squeeze(1) > 0
+        pairs = valid.unsqueeze(0) & valid.unsqueeze(1)
+        pairs &= ~torch.eye(len(valid), dtype=torch.bool, device=valid.device)
+        values.append(torch.where(pairs, sim, 0.0).sum() / pairs.sum().clamp_min(1))
+    if not values:
+        raise ValueError("no layers given: the activation dict is empty")
+    return torch.stack(values).mean()
+
+
+def rmu_control_vector(hidden_size: int, steering_coef: float,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """RMU's fixed random direction: a uniform [0, 1) vector, normalised, times ``steering_coef``.
+
+    As in the WMDP paper's code (``torch.rand``, not a Gaussian). Returned on the generator's
+    device in float32.
+    """
+    u = torch.rand(hidden_size, generator=generator,
+                   device=generator.device if generator is not None else None)
+    return u / u.norm() * steering_coef
+
+
+def rmu_forget(acts: Tensor, control_vec: Tensor, mask: Tensor) -> Tensor:
+    """RMU forget loss at one layer: MSE between forget activations and the (already scaled)
+    control vector, mean over the hidden dim, then valid tokens. ``control_vec`` is ``[hidden]``
+    or broadcastable to ``acts``."""
+    m = _bool_mask(mask, acts, "activations")
+    target = control_vec.detach().float().to(acts.device)
+    return masked_mean((acts.float() - target).pow(2).mean(dim=-1), m)
+
+
+def rmu_retain(acts: Tensor, original_acts: Tensor, mask: Tensor) -> Tensor:
+    """RMU retain loss at one layer: MSE to the original model's activations, mean over the
+    hidden dim, then valid tokens."""
+    return mse_to_teacher({0: acts}, {0: original_acts}, mask)
+
+
+def argmax_agreement(logits_a: Tensor, logits_b: Tensor, mask: Tensor) -> Tensor:
+    """Share of valid positions whose arg-max token is the same under both logits (a metric, no
+    gradient): the notebooks' ``retain_acc`` / ``forget_acc``. 0 when no position is valid."""
+    m = _bool_mask(mask, logits_a, "logits")
+    with torch.no_grad():
+        same = (logits_a.argmax(dim=-1) == logits_b.argmax(dim=-1)).float()
+        return masked_mean(same, m)
+
+
+# ----------------------------------------------------------------------------- regularisers and checks
+
+def l2sp(params: Sequence[Tensor] | Mapping[str, Tensor],
+         originals: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
+    """L2-SP: sum over parameters of ||w - w0||^2 (float32). The coefficient is the caller's.
+
+    Takes two parallel sequences, or two mappings keyed by parameter name (same keys).
+    """
+    if isinstance(params, Mapping):
+        if not isinstance(originals, Mapping) or set(params) != set(originals):
+            raise ValueError("l2sp: params and originals must be mappings with the same names")
+        pairs = [(params[name], originals[name]) for name in params]
+    else:
+        params, originals = list(params), list(originals)
+        if len(params) != len(originals):
+            raise ValueError(f"l2sp: {len(params)} params but {len(originals)} originals")
+        pairs = list(zip(params, originals))
+    if not pairs:
+        return torch.zeros(())
+    total = sum((w.float() - w0.detach().float().to(w.device)).pow(2).sum() for w, w0 in pairs)
+    return total
+
+
+def check_finite(name: str, value: Tensor | float, step: int, layer: int | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step, layer and loss term if ``value`` is NaN/inf.
+
+    (On a GPU this synchronises: call it once per step on the logged values.)
+    """
+    if isinstance(value, Tensor):
+        finite = bool(torch.isfinite(value.detach()).all())
+        shown = value.detach().float().item() if value.numel() == 1 else "not finite"
+    else:
+        finite, shown = math.isfinite(value), value
+    if not finite:
+        where = f"step {step}" + (f", layer {layer}" if layer is not None else "")
+        raise NonFiniteLossError(
+            f"loss term {name!r} is {shown} at {where}: the run stops here and keeps what was saved; "
+            f"lower the learning rate or the coefficient of {name!r}, or set max_grad_norm")

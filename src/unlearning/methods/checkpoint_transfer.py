@@ -1,0 +1,162 @@
+"""Checkpoint transfer: pull the model's hidden states on forget data toward an early checkpoint's.
+
+The notebook calls these runs "circuit breaker" runs (``../shared/seeds/kl_retain_circuit_breaker_tuning.md``).
+The teacher is a pretraining checkpoint from before the hazard domain was learned
+(``EleutherAI/deep-ignorance-pretraining-stage-unfiltered`` at ``global_step38144`` for the real
+model; on the organism, the build's early checkpoint ``organism:<preset>@early`` by default, or
+the filtered twin ``organism:<preset>-filtered``).
+
+Per step:
+
+- forget batch: per target layer, the squared error between the trained model's block output
+  and the teacher's (optionally mapped through a per-layer affine map teacher -> model, fitted by
+  ``unlearn fit-affine``), mean over the hidden dimension, then valid tokens, then layers
+  (``cb_loss``). The teacher runs in inference mode and only up to the deepest target layer
+  (except on metric steps, where its logits give ``forget_acc``: arg-max agreement with the teacher);
+- retain batch: the retain loss (``kl`` by default, as the notebook's ``--retain_kl_loss``).
+
+Coefficients follow the lab trainer (``schedule: notebook``): over the run, retain ramps from 0 to
+``retain_coef`` and forget falls from ``remove_coef`` to 0.75 x ``remove_coef``. The notebook's
+learning rate had no warm-up and decayed linearly (transformers' default), weight decay 0.01:
+the shipped configs set ``train.optimizer`` that way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unlearning import losses
+from unlearning.config import ConfigError, param
+from unlearning.layers import get_parts
+from unlearning.methods.common import Phase
+from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod, RetainKind,
+                                               Schedule, apply_forget_mask, forward_hidden, prepare_trainable,
+                                               resolve_target_layers, training_steps)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config(RepresentationConfig):
+    checkpoint: str | None = param(None, help="the teacher: a hub id, local folder, run directory or organism "
+                                              "model; for organism models also early (= null: the build's "
+                                              "early checkpoint organism:<preset>@early) or filtered (the "
+                                              "filtered twin organism:<preset>-filtered)")
+    checkpoint_revision: str | None = param(None, help="the teacher's revision (hub: e.g. global_step38144; "
+                                                       "organism: step<N> or early)")
+    affine: str | None = param(None, help="a safetensors file from `unlearn fit-affine` mapping teacher hidden "
+                                          "states to the model's at the target layers; null = no map")
+    save_name_base: str | None = param(None, help="base of the save name <base>_<kind>_ret<X>_rm<Y> "
+                                                  "(default: the model name)")
+    # The notebook's trainer: KL retain loss and its coefficient ramp.
+    retain_loss: RetainKind = param("kl", help="l2 | mse | kl | nll (see representation.RepresentationConfig)")
+    schedule: Schedule = param("notebook", help="notebook | circuit_breaker | constant (see representation)")
+
+
+def resolve_teacher(model_name: str, checkpoint: str | None, revision: str | None) -> tuple[str, str | None]:
+    """The teacher's name and revision. For organism models, ``null`` / ``early`` is the build's early
+    checkpoint (``organism:<preset>@early``) and ``filtered`` the filtered twin; other models must
+    name their teacher."""
+    if checkpoint not in (None, "early", "filtered"):
+        return checkpoint, revision
+    if not model_name.startswith("organism:"):
+        raise ConfigError("checkpoint_transfer.checkpoint: name the teacher for a non-organism model, e.g. "
+                          "checkpoint: EleutherAI/deep-ignorance-pretraining-stage-unfiltered with "
+                          "checkpoint_revision: global_step38144 (early / filtered are organism shorthands)")
+    base = model_name.split("@", 1)[0].removesuffix("-filtered")
+    if checkpoint == "filtered":
+        return f"{base}-filtered", revision
+    return base, revision or "early"
+
+
+def save_name(base: str, kind: str, retain_coef: float, remove_coef: float) -> str:
+    """The notebook's naming: ``EleutherAI/deep-ignorance-unfiltered_kl_ret5_rm5``."""
+    base = base.replace(":", "-").replace("@", "-")
+    return f"{base}_{kind}_ret{retain_coef:g}_rm{remove_coef:g}"
+
+
+class CheckpointTransfer(RepresentationMethod):
+    name = "checkpoint_transfer"
+    forget_key = "cb"
+
+    def __init__(self, teacher: nn.Module, layers: list[int], affine: dict[int, Any] | None, **kw: Any):
+        super().__init__(**kw)
+        self.teacher = teacher
+        self.layers = layers
+        self.affine = affine or {}
+        self.save_name = ""
+
+    def teacher_hidden(self, batch: dict[str, Tensor], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        with torch.inference_mode():
+            hidden, out = forward_hidden(self.teacher, batch, self.layers, logits=logits)
+            hidden = {i: self.affine[i](h) if i in self.affine else h for i, h in hidden.items()}
+        # Clones outside inference mode are ordinary tensors that autograd may use.
+        return {i: h.clone() for i, h in hidden.items()}, (out.clone() if out is not None else None)
+
+    def end_phase(self, model: nn.Module, phase: Phase) -> None:
+        self.teacher = None  # training is over: free the teacher's memory before evaluation
+
+    def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+        target, teacher_logits = self.teacher_hidden(batch, logits=want_acc)
+        hidden, logits = forward_hidden(model, batch, self.layers, logits=want_acc)
+        loss = losses.mse_to_teacher(hidden, target, mask)
+        logs = {}
+        if want_acc:
+            logs["forget_acc"] = float(losses.argmax_agreement(logits, teacher_logits, mask))
+        return loss, {}, logs
+
+
+def load_teacher(cfg: Config, run_cfg: Any, model: nn.Module, device: torch.device) -> nn.Module:
+    from unlearning.models import load_model
+    from unlearning.runner import resolved_model_name
+    from unlearning.runtime import resolve_dtype
+    name, revision = resolve_teacher(resolved_model_name(run_cfg.model), cfg.checkpoint, cfg.checkpoint_revision)
+    dtype = resolve_dtype(run_cfg.model_dtype, device) if run_cfg.model_dtype != "auto" else "auto"
+    log.info("teacher: %s%s", name, f" @ {revision}" if revision else "")
+    teacher, _ = load_model(name, revision=revision, dtype=dtype, device=str(device))
+    teacher.eval().requires_grad_(False)
+    t_depth, m_depth = len(get_parts(teacher).layers), len(get_parts(model).layers)
+    if t_depth != m_depth:
+        log.warning("the teacher has %d layers, the model %d: target layers index each model's own blocks",
+                    t_depth, m_depth)
+    return teacher
+
+
+def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dict[str, Any],
+          device: torch.device) -> tuple[nn.Module, CheckpointTransfer]:
+    from unlearning.runner import resolved_model_name
+    depth = len(get_parts(model).layers)
+    layers = resolve_target_layers(cfg.target_layers, depth)
+    teacher = load_teacher(cfg, run_cfg, model, device)
+    resolve_target_layers(layers, len(get_parts(teacher).layers), field="target_layers (in the teacher)")
+    affine = None
+    if cfg.affine:
+        from unlearning.affine import load_affine
+        affine = load_affine(Path(cfg.affine), layers, device=device)
+    else:
+        t_hidden = getattr(get_parts(teacher).model.config, "hidden_size", None)
+        m_hidden = getattr(get_parts(model).model.config, "hidden_size", None)
+        if t_hidden != m_hidden:
+            raise ConfigError(f"checkpoint_transfer.affine: the teacher's hidden size {t_hidden} differs from the "
+                              f"model's {m_hidden}; fit a map with `unlearn fit-affine` and set affine: <file>")
+    apply_forget_mask(cfg, data, tokenizer, model, run_cfg, device, field="checkpoint_transfer.mask")
+    model, trainable, originals = prepare_trainable(model, cfg.finetune, cfg.lora, **cfg.full_scope())
+    total = training_steps(cfg, len(data["forget"]), run_cfg.train.batch_size, run_cfg.train.grad_accum)
+    method = CheckpointTransfer(
+        teacher, layers, affine, trainable=trainable, originals=originals, total_steps=total,
+        retain_kind=cfg.retain_loss, retain_layers=layers, retain_coef=cfg.retain_coef,
+        remove_coef=cfg.remove_coef, schedule=cfg.schedule, ramp_steps=cfg.ramp_steps,
+        forget_end_fraction=cfg.forget_end_fraction, metrics_every=cfg.metrics_every,
+        summary_step=cfg.summary_step)
+    method.save_name = save_name(cfg.save_name_base or resolved_model_name(run_cfg.model), cfg.retain_loss,
+                                 cfg.retain_coef, cfg.remove_coef)
+    log.info("checkpoint transfer: layers %s, %d steps, retain %s (coef %g), remove coef %g, schedule %s",
+             layers, total, cfg.retain_loss, cfg.retain_coef, cfg.remove_coef, cfg.schedule)
+    return model, method

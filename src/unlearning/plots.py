@@ -1,0 +1,152 @@
+"""Tamper curves as figures: accuracy against fine-tuning step, one line per attack.
+
+Each panel has horizontal references: the base model (what unlearning removed), the filtered
+twin (the organism's "never knew it") and chance. The title carries the shared recipe; each
+line's label says what differs between the attacks (model, data, lr, ...). Matplotlib's Agg
+backend through the object-oriented API, so nothing needs a display and no global figure state
+leaks between calls.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from unlearning.io import atomic_write_bytes
+from unlearning.tamper import CHANCE, GENERAL_TASK, point_metric, reference_acc, short_model_name
+from unlearning.tables import short_task
+
+def data_label(source: str) -> str:
+    if source.startswith("organism:"):
+        corpus = source.split(":", 1)[1]
+        return "benign" if corpus == "benign_tamper" else corpus
+    return Path(source).name or source
+
+
+def _lr_label(c: dict[str, Any]) -> str:
+    opt = c["optimizer"]
+    if opt["name"] == "muon":
+        return f"muon {opt['muon_lr']:g} / adamw {opt['adam_lr'] if opt.get('adam_lr') is not None else opt['lr']:g}"
+    return f"{opt['lr']:g}"
+
+
+def _warmup_label(c: dict[str, Any]) -> str:
+    opt = c["optimizer"]
+    if opt.get("warmup_steps") is not None:
+        return str(opt["warmup_steps"])
+    return f"{opt['warmup_ratio']:.0%}" if opt["warmup_ratio"] else "0"
+
+
+# (name, value of a config dict as text); model and data first: they say what was attacked with what.
+RECIPE_FIELDS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("model", lambda c: short_model_name(c["model"])),
+    ("data", lambda c: data_label(c["data"]["source"])),
+    ("lr", _lr_label),
+    ("sched", lambda c: c["optimizer"]["schedule"]),
+    ("warmup", _warmup_label),
+    ("opt", lambda c: c["optimizer"]["name"]),
+    ("dtype", lambda c: c["dtype"]),
+    ("lora", lambda c: f"r{c['lora_rank']}" if c["lora_rank"] else "full"),
+    ("examples", lambda c: str(c["examples"])),
+    ("batch", lambda c: f"{c['batch_size']}x{c['grad_accum']}"),
+    ("steps", lambda c: str(c["steps"])),
+    ("seed", lambda c: str(c["seed"])),
+]
+
+
+def describe_attacks(curves: list[dict[str, Any]]) -> tuple[list[str], str]:
+    """Per-curve labels (what differs between the attacks) and one line of what they share."""
+    values = [{k: f(c["config"]) for k, f in RECIPE_FIELDS} for c in curves]
+    varying = [k for k, _ in RECIPE_FIELDS if len({v[k] for v in values}) > 1]
+    shared = [k for k, _ in RECIPE_FIELDS if k not in varying and k != "model"]
+    def label(v: dict[str, str], c: dict[str, Any]) -> str:
+        if c["config"].get("label"):
+            return c["config"]["label"]
+        return ", ".join([v["model"]] + [v[k] if k == "data" else f"{k} {v[k]}" for k in varying if k != "model"])
+    labels = [label(v, c) for v, c in zip(values, curves)]
+    for i, lab in enumerate(labels):  # the same recipe twice (e.g. two runs): say which file
+        if labels.count(lab) > 1 and curves[i].get("path"):
+            labels[i] = f"{lab} [{Path(curves[i]['path']).parent.name}]"
+    common = ", ".join(f"{k} {values[0][k]}" for k in shared) if curves else ""
+    return labels, common
+
+
+METRIC_NAMES = {"acc": "accuracy", "correct_prob": "probability of the correct answer"}
+REFERENCE_STYLES = {"base": dict(color="black", linestyle="--", linewidth=1.2),
+                    "filtered": dict(color="tab:green", linestyle=":", linewidth=1.8)}
+REFERENCE_NAMES = {"base": "base model", "filtered": "filtered twin"}
+# Green and gray are kept for the references (filtered twin, chance), black for the base model.
+CURVE_COLORS = ["C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9"]
+
+
+def panels_for(curves: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) per panel: the primary task's accuracy and correct_prob, then general accuracy."""
+    primary = curves[0]["primary_task"]
+    def present(task: str, metric: str) -> bool:
+        return any(point_metric(p, task, metric) is not None for c in curves for p in c["points"])
+    panels = [(primary, "acc")]
+    if present(primary, "correct_prob"):
+        panels.append((primary, "correct_prob"))
+    if primary != GENERAL_TASK and present(GENERAL_TASK, "acc"):
+        panels.append((GENERAL_TASK, "acc"))
+    return panels
+
+
+def _draw_panel(ax: Any, curves: list[dict[str, Any]], labels: list[str], task: str, metric: str) -> None:
+    colors = [CURVE_COLORS[i % len(CURVE_COLORS)] for i in range(len(curves))]
+    failed_drawn = False
+    for curve, label, color in zip(curves, labels, colors):
+        good = [p for p in curve["points"] if point_metric(p, task, metric) is not None]
+        ax.plot([p["step"] for p in good], [point_metric(p, task, metric) for p in good], marker="o",
+                markersize=3.5, color=color, label=label, linestyle="--" if "benign" in label else "-")
+        failed = [p["step"] for p in curve["points"] if "error" in p]
+        if failed:  # a failed evaluation is shown as such, never as a value
+            ax.plot(failed, [0.02] * len(failed), "x", color="red", markersize=8,
+                    label=None if failed_drawn else "evaluation failed")
+            failed_drawn = True
+    seen: set[tuple[str, str, float]] = set()
+    for curve in curves:
+        refs = curve.get("references") or {}
+        for kind in ("base", "filtered"):
+            value = reference_acc(refs, kind, task, metric)
+            if value is None:
+                continue
+            key = (kind, refs[kind].get("model", ""), round(value, 6))
+            if key in seen:
+                continue
+            seen.add(key)
+            model = short_model_name(refs[kind].get("model", ""))
+            ax.axhline(value, label=f"{REFERENCE_NAMES[kind]} ({model}): {value:.3f}", **REFERENCE_STYLES[kind])
+    # Four choices: chance accuracy and a uniform correct_prob are both 0.25.
+    ax.axhline(CHANCE, color="gray", linestyle="-.", linewidth=1, label=f"chance ({CHANCE:g})")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel(f"{short_task(task)} {METRIC_NAMES.get(metric, metric)}")
+    ax.set_title(f"{short_task(task)}: {METRIC_NAMES.get(metric, metric)}", fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def plot_curves(curves: list[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """Draw every curve (tamper.json contents) into one PNG at ``path`` (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("plot_curves: no curves to draw")
+    labels, shared = describe_attacks(curves)
+    panels = panels_for(curves)
+    fig = Figure(figsize=(6.2 * len(panels), 5.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (task, metric) in zip(axes, panels):
+        _draw_panel(ax, curves, labels, task, metric)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)), fontsize=8, frameon=False)
+    primary = short_task(curves[0]["primary_task"])
+    heading = title or f"Tamper attack: does {primary} accuracy come back under fine-tuning?"
+    fig.suptitle(f"{heading}\n{shared}" if shared else heading, fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return atomic_write_bytes(path, buf.getvalue())

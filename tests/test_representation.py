@@ -1,0 +1,224 @@
+"""Representation methods on tiny random models: schedules, layers, trainable parameters, losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_batch, tiny_model
+from unlearning.config import ConfigError, from_dict
+from unlearning.data import TokenizedData
+from unlearning.layers import get_parts, original_model
+from unlearning.methods import checkpoint_transfer, circuit_breaker, rmu
+from unlearning.methods.common import StepContext
+from unlearning.methods.representation import (RepresentationConfig, coefficients, layer_parameters,
+                                               prepare_trainable, resolve_target_layers, training_steps)
+from unlearning.runner import RunConfig
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+
+def test_notebook_schedule_ramps_retain_up_and_forget_down_to_three_quarters():
+    T = 32
+    assert coefficients("notebook", 0, T, 5, 10) == (0.0, 10.0)
+    r, f = coefficients("notebook", 16, T, 5, 10)
+    assert r == pytest.approx(2.5) and f == pytest.approx(10 * (1 - 0.25 * 0.5))
+    assert coefficients("notebook", T, T, 5, 10) == pytest.approx((5.0, 7.5))
+    # holds after the ramp; a shorter ramp reaches the end earlier
+    assert coefficients("notebook", 3 * T, T, 5, 10) == pytest.approx((5.0, 7.5))
+    assert coefficients("notebook", 8, T, 5, 10, ramp_steps=8, forget_end_fraction=0.5) == pytest.approx((5, 5))
+
+
+def test_circuit_breaker_schedule():
+    T = 100
+    assert coefficients("circuit_breaker", 0, T, 4, 8) == (0.0, 8.0)
+    r, f = coefficients("circuit_breaker", 50, T, 4, 8)
+    assert r == pytest.approx(4 * 50 / 200) and f == pytest.approx(8 * (1 - 50 / 200))
+    assert coefficients("circuit_breaker", T, T, 4, 8) == pytest.approx((2.0, 4.0))
+    assert coefficients("constant", 7, T, 4, 8) == (4, 8)
+
+
+def test_retain_kl_loss_flag_selects_kl_and_conflicts_with_nll():
+    cfg = from_dict(RepresentationConfig, {"retain_kl_loss": True})
+    assert cfg.retain_loss == "kl"
+    with pytest.raises(ConfigError, match="retain_kl_loss"):
+        from_dict(RepresentationConfig, {"retain_kl_loss": True, "retain_loss": "nll"})
+
+
+def test_training_steps_is_one_epoch_of_forget_examples_by_default():
+    cfg = RepresentationConfig()
+    assert training_steps(cfg, 1024, 4, 2) == 128
+    cfg.epochs = 0.25
+    assert training_steps(cfg, 1024, 4, 8) == 8
+    cfg.steps = 5
+    assert training_steps(cfg, 1024, 4, 2) == 5
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+def test_target_layers_default_is_clipped_and_explicit_layers_must_exist():
+    assert resolve_target_layers(None, 32) == [5, 10, 15, 20, 25, 30]
+    assert resolve_target_layers(None, 12) == [5, 10]
+    assert resolve_target_layers(None, 4) == [3]  # nothing of the default fits: the last layer
+    assert resolve_target_layers("3->1:1", 4) == [1, 2, 3]
+    with pytest.raises(ConfigError, match="4 layers"):
+        resolve_target_layers([1, 5], 4)
+
+
+def test_lora_adapts_every_linear_module_of_the_decoder_layers_only():
+    model = tiny_model("gpt_neox", layers=3)
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert len(linear) == 12  # 4 per GPT-NeoX layer
+    cfg = RepresentationConfig()
+    model, names, originals = prepare_trainable(model, cfg.finetune, cfg.lora)
+    assert originals is None
+    assert names and all("lora_" in n for n in names)
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in names}
+    assert adapted == linear
+    assert not any("embed" in n for n in names)
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.05)
+
+
+def test_full_finetuning_saves_originals_of_just_the_trained_parameters():
+    model = tiny_model("llama", layers=4)
+    model, names, originals = prepare_trainable(model, "full", RepresentationConfig().lora, layers=[1, 2],
+                                                modules=["mlp"])
+    assert names == layer_parameters(model, [1, 2], ["mlp"])
+    assert all(".mlp." in n and (".1." in n or ".2." in n) for n in names)
+    assert sorted(originals.keys()) == [1, 2]
+    assert all(k.startswith("mlp.") for k in originals[1])
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_original_model_after_full_finetuning_uses_the_saved_copies():
+    model = tiny_model("llama", layers=4)
+    ids, mask = tiny_batch()
+    before = model(input_ids=ids, attention_mask=mask).logits
+    model, names, originals = prepare_trainable(model, "full", RepresentationConfig().lora, layers=[1],
+                                                modules=["mlp"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                p.add_(0.5)
+    with torch.no_grad(), original_model(model, originals):
+        again = model(input_ids=ids, attention_mask=mask).logits
+    changed = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(again, before, atol=1e-6)
+    assert not torch.allclose(changed, before, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+def _data(n: int = 16, seq: int = 12, seed: int = 0) -> TokenizedData:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 61, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, -4:] = 0
+    return TokenizedData(ids, mask)
+
+
+def _run_cfg(**method: dict) -> RunConfig:
+    cfg = RunConfig(model="tiny-random", device="cpu")
+    cfg.train.batch_size, cfg.train.grad_accum = 4, 1
+    for k, v in method.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _batches(data: TokenizedData, rows: slice) -> dict[str, torch.Tensor]:
+    return data.rows(torch.arange(data.input_ids.shape[0])[rows])
+
+
+def _ctx(method, step: int = 0) -> StepContext:
+    phase = method.phases()[0]
+    return StepContext(phase, step, step, phase.steps)
+
+
+def test_circuit_breaker_losses_at_the_start_are_one_and_zero():
+    model = tiny_model("gpt_neox", layers=4)
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    cfg = from_dict(circuit_breaker.Config, {"target_layers": [1, 3], "steps": 4, "orth_coef": 0.5})
+    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    batches = {"forget": _batches(data["forget"], slice(0, 4)), "retain": _batches(data["retain"], slice(0, 4))}
+    terms = method.losses(model, batches, _ctx(method))
+    # LoRA B starts at zero: current == original, so cos = 1, the L2 distance 0, both arg-maxes agree
+    assert terms.logs["cb_loss"] == pytest.approx(1.0, abs=1e-5)
+    assert terms.logs["retain_l2_loss"] == pytest.approx(0.0, abs=1e-5)
+    assert terms.logs["retain_acc"] == 1.0 and terms.logs["forget_acc"] == 1.0
+    assert (terms.logs["retain_coef"], terms.logs["remove_coef"]) == (0.0, 5.0)
+    assert 0.0 <= terms.logs["orth_loss"] <= 1.0
+    assert set(terms.forget) == {"cb", "orth"} and set(terms.retain) == {"retain_l2"}
+    assert terms.forget["cb"].requires_grad
+
+
+def test_forget_pass_stops_after_the_deepest_target_layer():
+    model = tiny_model("gpt_neox", layers=4)
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    cfg = from_dict(circuit_breaker.Config, {"target_layers": [1], "steps": 4, "metrics_every": 1000,
+                                             "summary_step": 1000, "retain_loss": "mse"})
+    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    ran = []
+    for i, layer in enumerate(get_parts(model).layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    batches = {"forget": _batches(data["forget"], slice(0, 4)), "retain": _batches(data["retain"], slice(0, 4))}
+    terms = method.losses(model, batches, _ctx(method))  # step 1 of 4: no metrics
+    assert "retain_acc" not in terms.logs
+    assert max(ran) == 1  # forget (original and current) and mse-retain passes all stop at layer 1
+
+
+def test_checkpoint_transfer_loss_is_the_mse_to_the_teachers_hidden_states():
+    model = tiny_model("gpt_neox", layers=4, seed=0)
+    teacher = tiny_model("gpt_neox", layers=4, seed=7)
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    cfg = from_dict(checkpoint_transfer.Config, {"target_layers": [1, 2], "steps": 4, "retain_kl_loss": True})
+    method = checkpoint_transfer.CheckpointTransfer(
+        teacher, [1, 2], None, trainable=[], originals=None, total_steps=4, retain_kind="kl", retain_layers=[1, 2],
+        retain_coef=cfg.retain_coef, remove_coef=cfg.remove_coef, schedule="notebook")
+    batch = _batches(data["forget"], slice(0, 4))
+    loss, _, logs = method.forget_losses(model, batch, batch["attention_mask"].bool(), want_acc=True)
+    hs = model(**batch, output_hidden_states=True).hidden_states
+    ht = teacher(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"].bool()
+    expected = sum(((hs[i + 1] - ht[i + 1]).pow(2).mean(-1))[m].mean() for i in (1, 2)) / 2
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    am = (model(**batch).logits.argmax(-1) == teacher(**batch).logits.argmax(-1))[m].float().mean()
+    assert logs["forget_acc"] == pytest.approx(float(am))
+
+
+def test_save_name_follows_the_notebook():
+    assert checkpoint_transfer.save_name("EleutherAI/deep-ignorance-unfiltered", "kl", 5.0, 10.0) == \
+        "EleutherAI/deep-ignorance-unfiltered_kl_ret5_rm10"
+    assert checkpoint_transfer.save_name("organism:small", "kl", 1, 3) == "organism-small_kl_ret1_rm3"
+    resolve = checkpoint_transfer.resolve_teacher
+    assert resolve("organism:tiny", None, None) == ("organism:tiny", "early")
+    assert resolve("organism:small", "filtered", None) == ("organism:small-filtered", None)
+    assert resolve("organism:small", "early", "step100") == ("organism:small", "step100")
+    assert resolve("x/y", "x/z", "global_step1") == ("x/z", "global_step1")
+    with pytest.raises(ConfigError, match="global_step38144"):
+        resolve("EleutherAI/deep-ignorance-unfiltered", None, None)
+
+
+def test_rmu_trains_only_the_mlps_of_the_three_layers_up_to_l():
+    from unlearning.methods.common import train
+    from unlearning.data import BatchStream
+    model = tiny_model("llama", layers=6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    cfg = from_dict(rmu.Config, {"layer": 3, "steps": 3, "steering_coef": 5.0})
+    run_cfg = _run_cfg()
+    model, method = rmu.build(model, None, run_cfg, cfg, data, torch.device("cpu"))
+    assert method.control.norm().item() == pytest.approx(5.0, rel=1e-5)
+    streams = {k: BatchStream(v, 4, seed=i) for i, (k, v) in enumerate(data.items())}
+    records = []
+    train(model, method, streams, run_cfg.train, device=torch.device("cpu"),
+          on_step=lambda r: (records.append(r), method.on_step(r)))
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        should = ".mlp." in n and any(f"layers.{i}." in n for i in (1, 2, 3))
+        assert moved == should, n
+    assert all(math.isfinite(records[-1][k]) for k in ("forget_loss", "retain_mse_loss", "retain_acc",
+                                                       "forget_acc"))
+    assert method.train_summary["step"] == 3

@@ -85,7 +85,8 @@ def setup(tmp_path_factory):
     from lm_eval.tasks import TaskManager
     theirs = simple_evaluate(model="hf", model_args=f"pretrained={tmp / 'model'},dtype=float32",
                              tasks=["parity_mmlu", *(f"parity_cloze_{s}" for s in SUBJECTS)], batch_size=4,
-                             device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks_dir)))
+                             device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks_dir),
+                                                                      include_defaults=False))
 
     from unlearning.models import load_model
     model, tokenizer = load_model(tmp / "model", device="cpu", dtype="fp32")

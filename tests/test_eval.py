@@ -350,3 +350,62 @@ def test_missing_organism_says_how_to_build(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks_module.importlib.util, "find_spec", lambda name: None)  # no builder
     with pytest.raises(DataError, match="unlearn organism build --preset nothere"):
         get_tasks("organism_general_cloze", organism="nothere")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(good_rows(1)[0]) + "\n" + '{"question": "q", "choices": \n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        get_tasks([str(path)])
+
+
+def test_registry_loaders_groups_and_data_path(tmp_path, monkeypatch, model, tokenizer):
+    from unlearning.evaluation import tasks as tasks_module
+    rng = random.Random(6)
+
+    def subject_task(name, groups):
+        return Task(name, [random_question(rng, i) for i in range(3)], subject="biology", groups=groups)
+
+    monkeypatch.setitem(tasks_module.TASKS, "bench", lambda o: [subject_task("bench_x", ("bench_group", "bench")),
+                                                               subject_task("bench_y", ("bench",))])
+    monkeypatch.setitem(tasks_module.TASKS, "bench_group", lambda o: subject_task("bench_x", ("bench_group",)))
+    tasks = get_tasks("bench,bench_group")
+    assert [t.name for t in tasks] == ["bench_x", "bench_y"]  # asked twice, evaluated once
+    assert tasks[0].groups == ("bench_group", "bench")
+    results = evaluate(model, tokenizer, tasks)
+    assert results["bench"]["n"] == 6 and results["bench_group"]["n"] == 3
+    assert results["bench_group"]["acc"] == results["bench_x"]["acc"]
+    assert results["bench"]["acc_stderr"] == pytest.approx(
+        pooled_stderr([results["bench_x"]["acc_stderr"], results["bench_y"]["acc_stderr"]], [3, 3]))
+    # NAME=PATH: a registered task read from a local file
+    path = write_jsonl(tmp_path / "hazard.jsonl", good_rows(4))
+    (task,) = get_tasks(f"organism_hazard_cloze={path}")
+    assert (task.name, task.format, len(task.questions)) == ("organism_hazard_cloze", "cloze", 4)
+
+
+def test_nan_model_is_an_error_not_an_accuracy(tokenizer):
+    broken = make_model(len(tokenizer), seed=1)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[0, 0] = float("nan")
+    task = Task("t", [random_question(random.Random(7), 0)], format="cloze")
+    with pytest.raises(evaluate_module.NonFiniteScoreError, match="question 'q0'"):
+        evaluate(broken, tokenizer, [task])
+
+
+def test_bf16_autocast_path_runs_close_to_fp32(model, tokenizer):
+    requests = [("what is the virus", " host"), ("the cell line of the", " bat")]
+    fp32 = loglikelihoods(model, tokenizer, requests, progress=False)
+    bf16 = loglikelihoods(model, tokenizer, requests, mixed_precision=True, progress=False)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.2 and fp32 != bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_scores_match_cpu(tokenizer):
+    cpu_model = make_model(len(tokenizer))
+    requests = [("what is the virus", " host binds"), ("the cell line of the", " bat")] * 5
+    cpu = loglikelihoods(cpu_model, tokenizer, requests, progress=False)
+    gpu_model = make_model(len(tokenizer)).cuda()
+    exact = loglikelihoods(gpu_model, tokenizer, requests, mixed_precision=False, progress=False)
+    assert max(abs(a - b) for a, b in zip(cpu, exact)) < 1e-3
+    autocast = loglikelihoods(gpu_model, tokenizer, requests, progress=False)  # bf16 by default on GPU
+    assert max(abs(a - b) for a, b in zip(cpu, autocast)) < 0.2

@@ -109,6 +109,15 @@ def test_forward_until_stops_early_and_keeps_gradients(family):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parts.layers[0].parameters()
                if p.dim() > 1)
     assert all(p.grad is None for p in parts.layers[2].parameters())
+    # through a peft wrapper, and with the context manager used directly
+    pm = lora(copy.deepcopy(model))
+    with capture_hidden(pm, [0]) as full:
+        pm(input_ids=ids, attention_mask=mask)
+    with capture_hidden(pm, [0], stop_after=True) as early:
+        pm(input_ids=ids, attention_mask=mask)
+        raise AssertionError("the forward pass should have stopped")
+    torch.testing.assert_close(early[0], full[0], rtol=0, atol=0)
+    torch.testing.assert_close(forward_until(pm, ids, mask, [0])[0], full[0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- probe
@@ -186,6 +195,16 @@ def test_full_finetune_probe_uses_stored_originals(family):
         torch.testing.assert_close(probe, probe_by_hand(original, model, L, ids, mask), rtol=1e-5, atol=1e-5)
     with original_model(model, store):
         torch.testing.assert_close(logits(model, ids, mask), logits(original, ids, mask), rtol=1e-5, atol=1e-5)
+    # a partial store (only the parameters that train), and a store rebuilt from a reloaded original
+    partial, rebuilt = OriginalWeights(model), OriginalWeights(model)
+    for i in (1, 2):
+        partial.snapshot(i, names=[n for n, _ in parts.layers[i].named_parameters()][:2])
+        rebuilt.snapshot(i, source=original)
+    assert len(partial[1]) == 2
+    with original_model(model, rebuilt):
+        torch.testing.assert_close(logits(model, ids, mask), logits(original, ids, mask), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="no parameters"):
+        partial.snapshot(0, names=["nope.weight"])
     # a model without adapters needs the store
     with pytest.raises(UserError, match="OriginalWeights"):
         with original_layers_after(model, 0):

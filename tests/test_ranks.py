@@ -14,7 +14,8 @@ from unlearning.errors import UserError
 from unlearning.io import read_json
 from unlearning.layers import get_parts
 from unlearning.ranks import (effective_rank, lora_update_ranks, matrix_rank_row, read_csv, singular_values,
-                              stable_rank, summarize, weight_update_ranks)
+                              stable_rank, stored_update_ranks, summarize,
+                              weight_update_ranks)
 
 
 def ranks_of(matrix):
@@ -82,6 +83,24 @@ def test_two_models_differing_in_one_layer():
     down = rows["model.layers.1.mlp.down_proj"]
     assert down.srank == pytest.approx(32) and down.erank == pytest.approx(32)  # 0.5 * I, 32 x 64
     assert "lm_head" in rows and not rows["lm_head"].changed
+
+
+def test_stored_update_ranks_match_two_model_ranks():
+    from unlearning.layers import OriginalWeights
+    base = tiny_model("gpt2", seed=0)
+    new = copy.deepcopy(base)
+    store = OriginalWeights(new)
+    store.snapshot(1)
+    with torch.no_grad():
+        for p in get_parts(new).layers[1].parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    stored = {r.module: r for r in stored_update_ranks(new, store, device="cpu", progress=False)}
+    full = {r.module: r for r in weight_update_ranks(base, new, device="cpu", progress=False) if r.changed}
+    assert stored.keys() == full.keys() == {f"transformer.h.1.{m}" for m in
+                                            ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    for m in stored:
+        assert stored[m].erank == pytest.approx(full[m].erank, rel=1e-9)
+        assert stored[m].srank == pytest.approx(full[m].srank, rel=1e-9)
 
 
 def lora_model(family="llama", r=4, alpha=8, seed=0, **kw):

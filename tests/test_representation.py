@@ -222,3 +222,37 @@ def test_rmu_trains_only_the_mlps_of_the_three_layers_up_to_l():
     assert all(math.isfinite(records[-1][k]) for k in ("forget_loss", "retain_mse_loss", "retain_acc",
                                                        "forget_acc"))
     assert method.train_summary["step"] == 3
+
+
+@pytest.mark.parametrize("kind", ["l2", "mse", "kl", "nll"])
+def test_retain_losses_by_kind_at_the_start(kind):
+    model = tiny_model("gpt_neox", layers=4)
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    cfg = from_dict(circuit_breaker.Config, {"target_layers": [2, 3], "steps": 2, "retain_loss": kind})
+    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    batch = _batches(data["retain"], slice(0, 4))
+    loss, logs = method.retain_losses(model, batch, want_acc=True)
+    if kind == "nll":  # a random model: about log(vocab)
+        assert 2.0 < logs["retain_nll_loss"] < 6.0
+    else:  # adapters start at zero: no distance from the original yet
+        assert logs[f"retain_{kind}_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["retain_acc"] == 1.0 and loss.requires_grad
+
+
+def test_forget_loss_counts_only_the_token_mask_positions():
+    model = tiny_model("gpt_neox", layers=4)
+    teacher = tiny_model("gpt_neox", layers=4, seed=3)
+    method = checkpoint_transfer.CheckpointTransfer(
+        teacher, [2], None, trainable=[], originals=None, total_steps=4, retain_kind="kl", retain_layers=[2],
+        retain_coef=1, remove_coef=1)
+    batch = _batches(_data(seed=1), slice(0, 4))
+    token_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    token_mask[:, 2:5] = True
+    masked = dict(batch, loss_mask=token_mask)
+    m = method.forget_mask(masked)
+    assert torch.equal(m, token_mask & batch["attention_mask"].bool())
+    loss, _, _ = method.forget_losses(model, masked, m, want_acc=False)
+    hs = model(**batch, output_hidden_states=True).hidden_states[3]
+    ht = teacher(**batch, output_hidden_states=True).hidden_states[3]
+    expected = (hs - ht).pow(2).mean(-1)[:, 2:5].mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)

@@ -44,6 +44,7 @@ def setup(sequential: dict | None = None, train_cfg: dict | None = None, family:
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()  # LoRA dropout off: forward passes are deterministic unless a test asks otherwise
     return model, method, data, run_cfg
 
 
@@ -54,6 +55,11 @@ def batch_of(data: TokenizedData, n: int = 4) -> dict:
 def ctx_for(method, phase_index: int = 0, step: int = 0) -> StepContext:
     phase = method.phases()[phase_index]
     return StepContext(phase, step, 0, sum(p.steps for p in method.phases()))
+
+
+def reached(g) -> bool:
+    """A gradient that is there and not all zero."""
+    return g is not None and bool(g.abs().sum() > 0)
 
 
 def lora_layer(name: str) -> int:
@@ -191,8 +197,7 @@ def test_lora_forget_gradient_reaches_layers_up_to_the_target_only():
     assert all("lora_" in n for n in grads)
     assert {lora_layer(n) for n in grads} == {0, 1, 2, 3}          # default: every layer's adapters train
     for n, g in grads.items():
-        reached = g is not None and bool(g.abs().sum() > 0)
-        assert reached == (lora_layer(n) <= 2), n
+        assert reached(g) == (lora_layer(n) <= 2), n
 
 
 @pytest.mark.parametrize("choice, layers", [("target", {2}), ("up_to_target", {0, 1, 2})])
@@ -259,7 +264,7 @@ def test_losses_start_on_the_notebook_scale():
         assert terms.logs["retain_nll_loss"] > 1.0   # a random model's next-token loss
         # each term carries its own weight times the ramped coefficient
         assert terms.logs["retain_loss"] == pytest.approx(sum(terms.logs[f"retain_{k}_loss"] for k in ("l2", "kl", "nll")))
-        assert float(terms.retain["retain_nll"]) == pytest.approx(terms.logs["retain_coef"] * terms.logs["retain_nll_loss"], rel=1e-5)
+        assert float(terms.retain["retain_nll"].detach()) == pytest.approx(terms.logs["retain_coef"] * terms.logs["retain_nll_loss"], rel=1e-5)
 
 
 def test_forget_loss_kinds_on_hand_made_logits():
@@ -306,16 +311,16 @@ def test_maintain_unlearned_adds_the_probes_of_finished_layers():
     grads_maint, _ = _forget_grads(model, method, data, 2)
     # the probes of layers 3 and 2 run through the current layer 2: its adapters now get forget gradient
     name = next(n for n in grads_plain if lora_layer(n) == 2 and "lora_B" in n)
-    assert grads_plain[name].abs().sum() == 0 and grads_maint[name].abs().sum() > 0
+    assert not reached(grads_plain[name]) and reached(grads_maint[name])
 
 
 def test_npo_full_model_sees_layers_after_the_target():
     model, method, data, _ = setup({"forget_loss": "npo_per_token", "npo_full_model": True})
     grads, _ = _forget_grads(model, method, data, 2)   # layer 1
-    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if lora_layer(n) == 3)
+    assert any(reached(g) for n, g in grads.items() if lora_layer(n) == 3)
     model, method, data, _ = setup({"forget_loss": "npo_per_token"})
     grads, _ = _forget_grads(model, method, data, 2)
-    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if lora_layer(n) == 3)
+    assert not any(reached(g) for n, g in grads.items() if lora_layer(n) == 3)
 
 
 def test_random_targets_are_reproducible_per_phase():
@@ -335,7 +340,7 @@ def test_retain_target_layer_l2_follows_the_phase():
     terms = method.losses(model, {"forget": batch_of(data["forget"]), "retain": batch_of(data["retain"])},
                           ctx_for(method))
     assert set(terms.retain) == {"retain_kl"} and terms.logs["retain_kl_loss"] > 0
-    assert float(terms.retain["retain_kl"]) == pytest.approx(2.0 * terms.logs["retain_coef"] * terms.logs["retain_kl_loss"], rel=1e-5)
+    assert float(terms.retain["retain_kl"].detach()) == pytest.approx(2.0 * terms.logs["retain_coef"] * terms.logs["retain_kl_loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- filters, L2-SP

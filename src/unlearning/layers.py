@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -279,8 +279,9 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                   layers: Sequence[int] = ()) -> dict[int, torch.Tensor]:
     """Run ``model`` only as far as the deepest of ``layers``; return their block outputs.
 
-    Under DDP, prefer the unwrapped module for such partial passes (DDP expects every forward to
-    finish); the gradients of the recorded tensors are ordinary autograd gradients.
+    Under DDP the recorded tensors stand in for the model's output (DDP's post-forward step runs
+    on them), so their gradients are all-reduced like those of a full forward; wrap the model with
+    ``find_unused_parameters=True``, since the layers after the stop receive no gradient.
     """
     if not layers:
         raise ValueError("forward_until: give at least one layer")
@@ -289,6 +290,9 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     missing = set(layers) - set(captured)
     if missing:  # a model that skips blocks (never for the supported families)
         raise RuntimeError(f"forward_until: layers {sorted(missing)} did not run")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # the stop skipped DDP's post-forward, which arms the gradient all-reduce for backward
+        captured = model._post_forward(dict(captured))
     return captured
 
 
@@ -308,9 +312,14 @@ class OriginalWeights:
         self._parts = get_parts(model)
         self._store: dict[int | str, dict[str, torch.Tensor]] = {}
 
-    def snapshot(self, key: int | str, source: nn.Module | None = None) -> None:
+    def snapshot(self, key: int | str, source: nn.Module | None = None,
+                 names: Iterable[str] | None = None) -> None:
         """Store part ``key``'s current parameters (or those of the same part of ``source``,
-        an original model loaded again, e.g. to rebuild the store when a run resumes)."""
+        an original model loaded again, e.g. to rebuild the store when a run resumes).
+
+        ``names`` (part-relative, e.g. ``mlp.down_proj.weight``) limits the copy to the parameters
+        that will train; the others stay live, and being unchanged they are the originals.
+        """
         if isinstance(key, int):
             check_layers(len(self._parts.layers), [key], "snapshot")
         if key in self._store:
@@ -318,11 +327,13 @@ class OriginalWeights:
         target = self._parts.part(key)
         module = get_parts(source).part(key) if source is not None else target
         current = dict(target.named_parameters())
+        wanted = set(current) if names is None else set(names)
+        if not wanted <= set(current):
+            raise KeyError(f"snapshot({key!r}): no parameters {sorted(wanted - set(current))} in this part")
         copies = {n: p.detach().to(current[n].device, current[n].dtype, copy=True)
-                  for n, p in module.named_parameters() if n in current}
-        if set(copies) != set(current):
-            raise ValueError(f"snapshot({key!r}): source has parameters {sorted(copies)}, "
-                             f"model has {sorted(current)}")
+                  for n, p in module.named_parameters() if n in wanted}
+        if set(copies) != wanted:
+            raise ValueError(f"snapshot({key!r}): source lacks parameters {sorted(wanted - set(copies))}")
         self._store[key] = copies
 
     def keys(self) -> list[int | str]:

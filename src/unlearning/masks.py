@@ -166,12 +166,14 @@ def keyword_mask(data: TokenizedData, tokenizer: Any, keywords: list[str], windo
     out = torch.zeros_like(data.input_ids, dtype=torch.bool)
     for i in range(len(data)):
         n = int(data.attention_mask[i].sum())
-        pieces = [tokenizer.decode([t]) for t in data.input_ids[i, :n].tolist()]
-        starts, text = [], ""
-        for p in pieces:
-            starts.append(len(text))
-            text += p
-        bounds = starts + [len(text)]
+        ids = data.input_ids[i, :n].tolist()
+        # Token j spans the characters its arrival adds to the decoded prefix: exact for byte-level
+        # BPE, SentencePiece and word-level tokenizers alike (decoding tokens one by one drops spaces).
+        prefixes = tokenizer.batch_decode([ids[: j + 1] for j in range(n)], clean_up_tokenization_spaces=False)
+        text = prefixes[-1] if prefixes else ""
+        bounds = [0]
+        for p in prefixes:
+            bounds.append(max(bounds[-1], len(p)))
         for m in pattern.finditer(text):
             a, b = m.span()
             hit = [j for j in range(n) if bounds[j] < b and a < bounds[j + 1]]

@@ -74,6 +74,13 @@ def describe_attacks(curves: list[dict[str, Any]]) -> tuple[list[str], str]:
 
 
 METRIC_NAMES = {"acc": "accuracy", "correct_prob": "probability of the correct answer"}
+AXIS_NAMES = {"acc": "accuracy", "correct_prob": "P(correct answer)"}
+
+
+def task_label(task: str) -> str:
+    """``organism_hazard_cloze`` -> ``hazard_cloze``; a question file -> its file name."""
+    name = short_task(task)
+    return Path(name).name if "/" in name else name
 REFERENCE_STYLES = {"base": dict(color="black", linestyle="--", linewidth=1.2),
                     "filtered": dict(color="tab:green", linestyle=":", linewidth=1.8)}
 REFERENCE_NAMES = {"base": "base model", "filtered": "filtered twin"}
@@ -123,8 +130,8 @@ def _draw_panel(ax: Any, curves: list[dict[str, Any]], labels: list[str], task: 
     ax.axhline(CHANCE, color="gray", linestyle="-.", linewidth=1, label=f"chance ({CHANCE:g})")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel(f"{short_task(task)} {METRIC_NAMES.get(metric, metric)}")
-    ax.set_title(f"{short_task(task)}: {METRIC_NAMES.get(metric, metric)}", fontsize=10)
+    ax.set_ylabel(AXIS_NAMES.get(metric, metric))
+    ax.set_title(f"{task_label(task)}: {METRIC_NAMES.get(metric, metric)}", fontsize=10)
     ax.grid(alpha=0.3)
 
 
@@ -143,8 +150,11 @@ def plot_curves(curves: list[dict[str, Any]], path: str | Path, *, title: str | 
     for ax, (task, metric) in zip(axes, panels):
         _draw_panel(ax, curves, labels, task, metric)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)), fontsize=8, frameon=False)
-    primary = short_task(curves[0]["primary_task"])
+    # As many legend columns as the longest label lets fit across the figure (about 13 characters an inch).
+    width = fig.get_figwidth() * 13
+    ncols = max(1, min(3, len(names), int(width // (max(map(len, names)) + 8))))
+    fig.legend(handles, names, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+    primary = task_label(curves[0]["primary_task"])
     heading = title or f"Tamper attack: does {primary} accuracy come back under fine-tuning?"
     fig.suptitle(f"{heading}\n{shared}" if shared else heading, fontsize=11)
     buf = io.BytesIO()

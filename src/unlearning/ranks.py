@@ -141,6 +141,29 @@ def weight_update_ranks(base: nn.Module, model: nn.Module, *, device: Any = None
     return rows
 
 
+def stored_update_ranks(model: nn.Module, originals: Any, *, device: Any = None,
+                        progress: bool = True) -> list[ModuleRank]:
+    """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.layers.OriginalWeights`
+    store (current weights minus the stored originals), with no second model loaded."""
+    from transformers.pytorch_utils import Conv1D
+
+    from unlearning.layers import get_parts
+    parts = get_parts(model)
+    names = {id(m): n for n, m in parts.model.named_modules()}
+    dev = torch.device(device) if device is not None else default_device()
+    rows = []
+    for key in tqdm(originals.keys(), desc="update ranks", disable=not progress):
+        part, stored = parts.part(key), originals[key]
+        for sub, mod in part.named_modules():
+            if not isinstance(mod, (nn.Linear, Conv1D)):
+                continue
+            w, w0 = mod.weight.detach(), stored[f"{sub}.weight" if sub else "weight"]
+            with torch.no_grad():
+                delta = w.to(dev, _compute_dtype(w)) - w0.to(dev, _compute_dtype(w))
+            rows.append(matrix_rank_row(names[id(mod)], delta, device=dev))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # LoRA adapters: (B @ A) * scaling without merging
 

@@ -17,7 +17,8 @@ The curve file ``tamper.json`` (written atomically after every evaluation)::
     {"format": "unlearning.tamper/1", "name", "model", "config": {...}, "status": running|complete|failed,
      "error": str|null, "primary_task", "references": {"base"|"filtered": {"model", "eval"|"error"}},
      "train_losses": [loss of optimizer step 1, 2, ...],
-     "points": [{"step", "train_loss" (mean since the previous point; null at 0), "lr",
+     "points": [{"step", "train_loss" (mean since the previous point; null at 0),
+                 "lr" (the rate the last step used; null at 0),
                  "eval": {task: {"acc", "acc_stderr", "correct_prob", ...}} | "error": "..."}]}
 
 An evaluation that fails is a point with ``"error"`` (and the attack's status ``failed``), never a
@@ -296,13 +297,14 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     curve["points"] = [p for p in curve["points"] if p["step"] <= start]
     curve["train_losses"] = curve["train_losses"][:start]
     checkpoints = eval_steps(cfg.steps, cfg.eval_every)
+    last_lr: float | None = None
 
     def record(step: int, point: dict[str, Any]) -> bool:
         since = [p["step"] for p in curve["points"]]
         prev = max(since) if since else 0
         window = curve["train_losses"][prev:step]
         point = {"step": step, "train_loss": sum(window) / len(window) if window else None,
-                 "lr": optimizer.param_groups[0]["lr"], **point}
+                 "lr": last_lr if step > 0 else None, **point}
         if step > 0:  # the state first: a curve point never refers to a state that is not on disk
             save_state(state_path, step, model, optimizer, scheduler, scaler, stream)
         curve["points"].append(point)
@@ -342,6 +344,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
                 scaler.update()
             else:
                 optimizer.step()
+            last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             curve["train_losses"].append(loss_sum)

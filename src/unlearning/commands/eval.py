@@ -25,7 +25,7 @@ from unlearning.config import ConfigError, load_config, param, to_dict
 from unlearning.errors import ModelNotFoundError
 from unlearning.io import atomic_write_text, dumps_json
 from unlearning.rundir import RunDir, safe_name
-from unlearning.runtime import configure_cpu_threads
+from unlearning.runtime import configure_cpu_threads, init_distributed, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def main(argv: list[str]) -> int:
     from unlearning.evaluation.tasks import split_task_names
 
     configure_cpu_threads()
+    init_distributed()  # under torchrun: each rank scores a shard of the questions; rank 0 writes
     cfg.tasks = split_task_names(cfg.tasks)
     cfg.organism = cfg.organism or organism_preset(cfg.model) or "tiny"
     run = (RunDir(cfg.output_dir) if cfg.output_dir
@@ -156,11 +157,12 @@ def main(argv: list[str]) -> int:
                        mixed_precision=cfg.mixed_precision)
     seconds = time.time() - start
     samples = [rec for r in results.values() for rec in r.pop("samples", [])]
-    if cfg.log_samples:
+    if cfg.log_samples and is_main_process():
         atomic_write_text(run.file("samples.jsonl"), "".join(dumps_json(s, indent=None) + "\n" for s in samples))
     run.write_results(results)
     run.metrics_logger().log({"eval_seconds": round(seconds, 3),
                               "questions": sum(r["n"] for r in results.values() if "subtasks" not in r)})
     log.info("evaluated in %.1f s; results in %s", seconds, run.results_path)
-    print(format_table(results))
+    if is_main_process():
+        print(format_table(results))
     return 0

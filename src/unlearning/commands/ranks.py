@@ -34,7 +34,10 @@ def _is_run_dir(model: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="unlearn ranks", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(
+        prog="unlearn ranks", description="Effective and stable rank of the weight update B - A, per linear "
+        "module (LoRA: of B @ A * scaling, from the adapter). Writes ranks.csv and adds mean_erank / mean_srank "
+        "to results.json.")
     parser.add_argument("--base", help="the model before the update (not needed for a LoRA adapter)")
     parser.add_argument("--model", required=True, help="the updated model, LoRA adapter folder, or run directory")
     parser.add_argument("--output-dir", help="where ranks.csv and results.json go (default: the run directory "
@@ -46,13 +49,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from unlearning.errors import UserError
+    from unlearning.logs import setup_logging
     from unlearning.rundir import RunDir, safe_name
     from unlearning.runtime import resolve_device
 
-    rd = (RunDir(args.output_dir) if args.output_dir
-          else RunDir(Path(args.model).expanduser()) if _is_run_dir(args.model)
-          else RunDir.for_command(None, None, f"ranks-{safe_name(Path(args.model).name)}"))
-    rd.start_logging()
+    setup_logging()
     device = resolve_device(args.device)
 
     from unlearning import ranks
@@ -71,6 +72,9 @@ def main(argv: list[str]) -> int:
         rows = ranks.weight_update_ranks(base, model, device=device)
         source = "full"
 
+    rd = (RunDir(args.output_dir) if args.output_dir
+          else RunDir(Path(args.model).expanduser()) if _is_run_dir(args.model)
+          else RunDir.for_command(None, None, f"ranks-{safe_name(Path(args.model).name)}"))
     csv_path = ranks.write_csv(rows, rd.file("ranks.csv"))
     summary = ranks.summarize(rows)
     results = rd.read_results() or {}

@@ -52,7 +52,7 @@ def csv(kind: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unlearn tamper", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    p = argparse.ArgumentParser(prog="unlearn tamper", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", action="extend", default=[], metavar="MODEL",
                    help="run directory, model folder, organism:<preset>[-filtered] or hub id (several: one row each)")
@@ -240,7 +240,7 @@ def report(curves: list[dict[str, Any]], plot_path: Path) -> tuple[str, dict[str
     if best is not None:
         lines.append(f"strongest attack: {summary[best]['label']} (max acc {summary[best]['max_acc']:.4f} "
                      f"at step {summary[best]['max_acc_step']})")
-    for model, name in per_model.items():
+    for model, name in per_model.items() if len(per_model) > 1 else ():
         if name is not None and sum(s["model"] == model for s in attacks_only(summary).values()) > 1:
             lines.append(f"strongest on {short_model_name(model)}: {summary[name]['label']} "
                          f"(max acc {summary[name]['max_acc']:.4f})")

@@ -28,19 +28,25 @@ from typing import Any
 
 import numpy as np
 
+from unlearning.errors import UserError
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.scoring import (
     LogLikelihood,
-    encode_pair,
+    encode_pairs,
     loglikelihood_tokens,
     model_max_length,
     next_token_loglikelihoods,
 )
+from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.tasks import Task, get_tasks
 
 log = logging.getLogger(__name__)
 
 GROUP_AGGREGATION = "mean over questions (lm-eval weight_by_size: true), pooled stderr"
+
+
+class NonFiniteScoreError(UserError, FloatingPointError):
+    """A log-likelihood is NaN or infinite: the evaluation fails rather than report a number."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +100,7 @@ def summarize(per_question: list[dict[str, float]], format: str) -> dict[str, An
     return out
 
 
-def aggregate_group(name: str, members: list[str], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def aggregate_group(members: list[str], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     formats = {results[m]["format"] for m in members}
     out: dict[str, Any] = {"format": formats.pop() if len(formats) == 1 else "mixed"}
     sizes = [results[m]["n"] for m in members]
@@ -116,8 +122,11 @@ def _score_requests(model, tokenizer, prompts: list[tuple[Task, str, list[str]]]
                     device, add_bos_token: bool | None, max_length: int, mixed_precision: bool | None,
                     fast_letter: bool) -> list[list[LogLikelihood]]:
     """Log-likelihoods of every continuation of every prompt, the letter fast path where it applies."""
-    encoded = [[encode_pair(tokenizer, ctx, cont, add_bos_token) for cont in conts]
-               for _, ctx, conts in prompts]
+    flat = encode_pairs(tokenizer, [(ctx, cont) for _, ctx, conts in prompts for cont in conts], add_bos_token)
+    encoded, start = [], 0
+    for _, _, conts in prompts:
+        encoded.append(flat[start:start + len(conts)])
+        start += len(conts)
     fast = [i for i, (task, _, _) in enumerate(prompts)
             if fast_letter and task.format == "letter" and all(len(c) == 1 for _, c in encoded[i])]
     fast_set = set(fast)
@@ -167,13 +176,17 @@ def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, b
             prompts.append((task, ctx, conts))
             owners.append((t, k))
     log.info("evaluating %d questions in %d tasks", len(prompts), len(tasks))
-    lls = _score_requests(model, tokenizer, prompts, batch_size=batch_size, device=device,
-                          add_bos_token=add_bos_token, max_length=limit_len,
-                          mixed_precision=mixed_precision, fast_letter=fast_letter)
+    # under torchrun each rank scores a shard of the prompts; all ranks get every result
+    lls = data_parallel_map(lambda part: _score_requests(
+        model, tokenizer, part, batch_size=batch_size, device=device, add_bos_token=add_bos_token,
+        max_length=limit_len, mixed_precision=mixed_precision, fast_letter=fast_letter), prompts)
 
     per_task: list[list[tuple[Any, dict, list[LogLikelihood], str]]] = [[] for _ in tasks]
     for (t, k), (task, ctx, _), q_lls in zip(owners, prompts, lls):
         q = task.questions[k]
+        if not all(math.isfinite(x) for x in q_lls):  # a NaN model must not score as a guess
+            raise NonFiniteScoreError(f"task {task.name}, question {q.id!r}: log-likelihoods {list(map(float, q_lls))} "
+                                      "are not finite; the model's weights or activations are broken")
         per_task[t].append((q, score_question(q_lls, q.choices, q.answer, task.format), q_lls, ctx))
 
     results: dict[str, dict[str, Any]] = {}
@@ -195,7 +208,7 @@ def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, b
     for group, members in groups.items():
         if group in results:
             raise ValueError(f"group {group!r} has the name of a task")
-        results[group] = aggregate_group(group, members, results)
+        results[group] = aggregate_group(members, results)
     return results
 
 

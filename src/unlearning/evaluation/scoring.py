@@ -62,48 +62,71 @@ def prefix_token_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def tok_encode(tokenizer, text: str, add_bos_token: bool | None = None,
-               add_special_tokens: bool | None = None) -> list[int]:
-    """Token ids of ``text`` with lm-eval's special-token rule (see the module docstring)."""
+def tok_encode_batch(tokenizer, texts: Sequence[str], add_bos_token: bool | None = None,
+                     add_special_tokens: bool | None = None) -> list[list[int]]:
+    """Token ids of each text with lm-eval's special-token rule (see the module docstring);
+    one batched tokenizer call per rule (the same ids as one ``encode`` per text)."""
+    def run(batch: Sequence[str], **kwargs) -> list[list[int]]:
+        return [list(ids) for ids in tokenizer(list(batch), **kwargs)["input_ids"]] if batch else []
+
     if add_special_tokens is None and add_bos_token is True:
-        ids = tokenizer.encode(text, add_special_tokens=False)
         bos = tokenizer.bos_token_id
         if bos is None:
             raise ValueError("add_bos_token: the tokenizer has no BOS token; use add_bos_token false or auto")
-        return ids if ids[:1] == [bos] else [bos, *ids]
+        return [ids if ids[:1] == [bos] else [bos, *ids] for ids in run(texts, add_special_tokens=False)]
     if add_special_tokens is not None:
-        kwargs = {"add_special_tokens": add_special_tokens}
-    elif add_bos_token is not None:
-        kwargs = {"add_special_tokens": add_bos_token}
-    else:
-        kwargs = {}
+        return run(texts, add_special_tokens=add_special_tokens)
+    if add_bos_token is not None:
+        return run(texts, add_special_tokens=add_bos_token)
+    prefix = prefix_token_id(tokenizer)
+    prefix_text = tokenizer.decode([prefix]) if prefix is not None else ""
+    # a text that already starts with the BOS string gets no second one (lm-eval's has_bos_prefix)
+    has_prefix = [bool(prefix_text) and text.startswith(prefix_text) for text in texts]
+    plain = iter(run([t for t, h in zip(texts, has_prefix) if h], add_special_tokens=False))
+    default = iter(run([t for t, h in zip(texts, has_prefix) if not h]))
+    return [next(plain) if h else next(default) for h in has_prefix]
+
+
+def tok_encode(tokenizer, text: str, add_bos_token: bool | None = None,
+               add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of one text (lm-eval's ``HFLM.tok_encode``)."""
+    return tok_encode_batch(tokenizer, [text], add_bos_token, add_special_tokens)[0]
+
+
+def encode_pairs(tokenizer, requests: Sequence[tuple[str, str]],
+                 add_bos_token: bool | None = None) -> list[TokenPair]:
+    """``(context_ids, continuation_ids)`` of each request exactly as lm-eval's causal
+    ``_encode_pair`` (plus its empty-context rule from ``TemplateLM.loglikelihood``); each
+    distinct context is encoded once."""
+    out: list[TokenPair | None] = [None] * len(requests)
+    empty = [i for i, (ctx, _) in enumerate(requests) if ctx == ""]
+    if empty:
         prefix = prefix_token_id(tokenizer)
-        if prefix is not None:
-            prefix_text = tokenizer.decode([prefix])
-            if prefix_text and text.startswith(prefix_text):
-                kwargs = {"add_special_tokens": False}  # the text already carries its BOS
-    return list(tokenizer.encode(text, **kwargs))
+        if prefix is None:
+            raise ValueError("an empty context needs a BOS or EOS token to stand in for it")
+        conts = tok_encode_batch(tokenizer, [requests[i][1] for i in empty], add_special_tokens=False)
+        for i, cont in zip(empty, conts):
+            out[i] = (cont[:1], cont[1:]) if cont[:1] == [prefix] else ([prefix], cont)
+    rest = [i for i, (ctx, _) in enumerate(requests) if ctx != ""]
+    split = []
+    for i in rest:
+        context, continuation = requests[i]
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:  # trailing whitespace belongs to the continuation
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        split.append((context, continuation))
+    contexts = list(dict.fromkeys(ctx for ctx, _ in split))
+    context_ids = dict(zip(contexts, tok_encode_batch(tokenizer, contexts, add_bos_token)))
+    wholes = tok_encode_batch(tokenizer, [ctx + cont for ctx, cont in split], add_bos_token)
+    for i, (ctx, _), whole in zip(rest, split, wholes):
+        out[i] = (context_ids[ctx], whole[len(context_ids[ctx]):])
+    return out  # type: ignore[return-value]
 
 
 def encode_pair(tokenizer, context: str, continuation: str,
                 add_bos_token: bool | None = None) -> TokenPair:
-    """``(context_ids, continuation_ids)`` exactly as lm-eval's causal ``_encode_pair`` (plus its
-    empty-context rule from ``TemplateLM.loglikelihood``)."""
-    if context == "":
-        cont = tok_encode(tokenizer, continuation, add_special_tokens=False)
-        prefix = prefix_token_id(tokenizer)
-        if prefix is None:
-            raise ValueError("an empty context needs a BOS or EOS token to stand in for it")
-        if cont[:1] == [prefix]:
-            return cont[:1], cont[1:]
-        return [prefix], cont
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tok_encode(tokenizer, context + continuation, add_bos_token)
-    ctx = tok_encode(tokenizer, context, add_bos_token)
-    return ctx, whole[len(ctx):]
+    """One request's ``(context_ids, continuation_ids)``; see :func:`encode_pairs`."""
+    return encode_pairs(tokenizer, [(context, continuation)], add_bos_token)[0]
 
 
 def model_max_length(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
@@ -255,7 +278,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     Each result is a float (the summed log-probability) with an ``is_greedy`` attribute.
     ``device=None`` uses the model's device; ``max_length=None`` the model's (lm-eval's rule).
     """
-    pairs = [encode_pair(tokenizer, ctx, cont, add_bos_token) for ctx, cont in requests]
+    pairs = encode_pairs(tokenizer, requests, add_bos_token)
     limit = max_length or model_max_length(model, tokenizer)
     return loglikelihood_tokens(model, pairs, batch_size=batch_size, max_length=limit, device=device,
                                 mixed_precision=mixed_precision, progress=progress)

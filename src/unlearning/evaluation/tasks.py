@@ -69,7 +69,8 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise UserError(f"task {self.name}: format {self.format!r} is not known; choose one of {', '.join(FORMATS)}")
+            raise UserError(f"task {self.name}: format {self.format!r} is not known; "
+                            f"choose one of {', '.join(FORMATS)}")
         if not self.questions:
             raise DataError(f"task {self.name}: no questions")
         for q in self.questions:
@@ -82,6 +83,7 @@ class TaskOptions:
     """What a task loader may need to know besides the task's name."""
 
     organism: str = "tiny"  # organism preset whose cache the organism_* tasks read
+    data_path: str | None = None  # ``--tasks NAME=PATH``: the task's questions from this local file
     data_path: str | None = None  # ``NAME=PATH``: read task NAME from this local file (benchmarks)
 
 
@@ -227,8 +229,11 @@ def _ensure_organism(preset: str) -> None:
 
 
 def organism_task(domain: str, format: str, options: TaskOptions) -> Task:
-    _ensure_organism(options.organism)
-    path = organism_questions_path(options.organism, domain)
+    if options.data_path is not None:
+        path = Path(options.data_path).expanduser()
+    else:
+        _ensure_organism(options.organism)
+        path = organism_questions_path(options.organism, domain)
     name = f"organism_{domain}" + ("_cloze" if format == "cloze" else "")
     questions = questions_from_file(path, format, name)
     return Task(name=name, questions=questions, format=format, subject=ORGANISM_SUBJECTS[domain])
@@ -247,6 +252,21 @@ def _load_plugins() -> None:
     for module in PLUGIN_MODULES:
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
+
+
+def known_tasks_summary(family_size: int = 10) -> str:
+    """Registered names, a large family (e.g. the 61 ``mmlu_*`` tasks) shown as one entry."""
+    families: dict[str, list[str]] = {}
+    for name in sorted(TASKS):
+        families.setdefault(name.split("_", 1)[0], []).append(name)
+    parts = []
+    for root, members in families.items():
+        if len(members) <= family_size:
+            parts += members
+        else:
+            rest = [m for m in members if m != root]
+            parts += ([root] if root in members else []) + [f"{root}_* ({len(rest)} tasks)"]
+    return ", ".join(parts)
 
 
 def split_task_names(names: str | Sequence[str]) -> list[str]:
@@ -269,13 +289,17 @@ def _merge(tasks: list[Task]) -> list[Task]:
 
 
 def get_tasks(names: str | Sequence[str], organism: str = "tiny") -> list[Task]:
-    """Resolve task names (comma-separated string or list) into tasks."""
+    """Resolve task names (comma-separated string or list) into tasks.
+
+    ``NAME`` is a registered task, ``NAME=PATH`` the same task read from a local file, and a
+    ``.json/.jsonl/.parquet`` path (optionally ``:cloze``) a task of its own.
+    """
     _load_plugins()
-    options = TaskOptions(organism=organism)
     tasks: list[Task] = []
     for name in split_task_names(names):
-        if name in TASKS:
-            loaded = TASKS[name](options)
+        registered, _, data_path = name.partition("=")
+        if registered in TASKS:
+            loaded = TASKS[registered](TaskOptions(organism=organism, data_path=data_path or None))
             tasks.extend(loaded if isinstance(loaded, list) else [loaded])
         elif "=" in name and name.split("=", 1)[0] in TASKS:  # NAME=PATH: a registered task, local data
             base, path = name.split("=", 1)
@@ -284,8 +308,8 @@ def get_tasks(names: str | Sequence[str], organism: str = "tiny") -> list[Task]:
         elif is_local_file_spec(name):
             tasks.append(local_file_task(name))
         else:
-            known = ", ".join(sorted(TASKS))
-            raise UserError(f"tasks: unknown task {name!r}; known tasks: {known}; or a local "
+            known = known_tasks_summary()
+            raise UserError(f"tasks: unknown task {registered!r}; known tasks: {known}; or a local "
                             f"{'/'.join(LOCAL_SUFFIXES)} file with question, choices, answer columns "
                             f"(add :cloze for the question format)")
     if not tasks:

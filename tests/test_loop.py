@@ -1,0 +1,161 @@
+"""The shared training loop: frozen parameters stay put, filters apply, NaN stops, resume and
+data parallelism (two gloo processes) give the same weights as one uninterrupted process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from unlearning.data import BatchStream, TokenizedData
+from unlearning.errors import NonFiniteLossError
+from unlearning.methods.common import Checkpointer, LossTerms, Method, Phase, TrainConfig, train
+
+
+class ToyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 4)
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.b(torch.tanh(self.a(self.embed(input_ids))))
+        return (h.squeeze(-1) * attention_mask).sum(1) / attention_mask.sum(1)
+
+
+class ToyMethod(Method):
+    """Phase 0 trains `a`, phase 1 trains `b`; forget pushes outputs up, retain holds them near 0."""
+    name = "toy"
+
+    def __init__(self, steps=3, nan_at=None):
+        self.steps, self.nan_at, self.restored = steps, nan_at, None
+
+    def phases(self):
+        return [Phase(0, self.steps, layer=1, name="a"), Phase(1, self.steps, layer=0, name="b")]
+
+    def begin_phase(self, model, phase):
+        model.requires_grad_(False)
+        sub = model.a if phase.index == 0 else model.b
+        sub.requires_grad_(True)
+        prefix = "a." if phase.index == 0 else "b."
+        return [(prefix + n, p) for n, p in sub.named_parameters()]
+
+    def losses(self, model, batches, ctx):
+        f = model(**{k: batches["forget"][k] for k in ("input_ids", "attention_mask")})
+        r = model(**{k: batches["retain"][k] for k in ("input_ids", "attention_mask")})
+        forget = -f.mean()
+        if self.nan_at is not None and ctx.global_step == self.nan_at:
+            forget = forget * float("nan")
+        return LossTerms(forget={"forget": forget}, retain={"retain": (r ** 2).mean()},
+                         logs={"forget_loss": float(forget.detach())})
+
+    def restore(self, model, finished):
+        self.restored = [p.index for p in finished]
+
+
+def toy_data(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 16, (32, 6), generator=g)
+    return TokenizedData(ids, torch.ones_like(ids))
+
+
+def streams(batch_size=4):
+    return {"forget": BatchStream(toy_data(1), batch_size, seed=1),
+            "retain": BatchStream(toy_data(2), batch_size, seed=2)}
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+CFG = dict(batch_size=4, grad_accum=2)
+
+
+def test_only_the_phase_parameters_move_and_metrics_are_logged(tmp_path):
+    from unlearning.logs import MetricsLogger
+    model = ToyModel()
+    before = snapshot(model)
+    logger = MetricsLogger(tmp_path / "m.jsonl")
+    method = ToyMethod(steps=2)
+    # Stop after phase 0 by giving the method one phase only.
+    method.phases = lambda: [Phase(0, 2, layer=1, name="a")]
+    train(model, method, streams(), TrainConfig(**CFG), device=torch.device("cpu"), metrics=logger)
+    after = snapshot(model)
+    assert not torch.equal(before["a.weight"], after["a.weight"])
+    for name in ("embed.weight", "b.weight", "b.bias"):
+        assert torch.equal(before[name], after[name]), name
+    from unlearning.io import read_jsonl
+    recs = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    assert {"lr", "grad_norm", "forget_term", "retain_term", "forget_loss", "layer"} <= set(recs[0])
+
+
+@pytest.mark.parametrize("grad_filter", ["same_sign", "asymmetric"])
+def test_gradient_filters_change_the_update(grad_filter):
+    plain, filtered = ToyModel(), ToyModel()
+    train(plain, ToyMethod(steps=1), streams(), TrainConfig(**CFG), device=torch.device("cpu"))
+    train(filtered, ToyMethod(steps=1), streams(), TrainConfig(**CFG, grad_filter=grad_filter),
+          device=torch.device("cpu"))
+    assert not torch.allclose(snapshot(plain)["a.weight"], snapshot(filtered)["a.weight"])
+
+
+def test_nan_loss_stops_with_step_layer_and_term(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteLossError) as e:
+        train(ToyModel(), ToyMethod(steps=3, nan_at=4), streams(), TrainConfig(**CFG),
+              device=torch.device("cpu"), checkpointer=ckpt)
+    msg = str(e.value)
+    assert "'forget'" in msg and "step 4" in msg and "layer 0" in msg
+    assert ckpt.exists()  # phase 0 finished before the NaN and is kept
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
+    full = ToyModel()
+    train(full, ToyMethod(), streams(), TrainConfig(**CFG), device=torch.device("cpu"))
+
+    crashed = ToyModel()
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteLossError):
+        train(crashed, ToyMethod(nan_at=4), streams(), TrainConfig(**CFG), device=torch.device("cpu"),
+              checkpointer=ckpt)
+    resumed = ToyModel()  # a fresh process: base weights, then the checkpoint
+    method = ToyMethod()
+    state = train(resumed, method, streams(), TrainConfig(**CFG), device=torch.device("cpu"),
+                  checkpointer=ckpt, resume=True)
+    assert method.restored == [0] and state.global_step == 6 and state.finished_phases == 2
+    for n, p in snapshot(full).items():
+        torch.testing.assert_close(snapshot(resumed)[n], p, rtol=0, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = ToyModel()
+        train(model, ToyMethod(steps=2), streams(batch_size=2), TrainConfig(**CFG), device=torch.device("cpu"))
+        if rank == 0:
+            torch.save(snapshot(model), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_data_parallel_equals_one_process_with_the_global_batch(tmp_path):
+    single = ToyModel()
+    train(single, ToyMethod(steps=2), streams(batch_size=4), TrainConfig(**CFG), device=torch.device("cpu"))
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    parallel = torch.load(out)
+    for n, p in snapshot(single).items():
+        torch.testing.assert_close(parallel[n], p, rtol=1e-5, atol=1e-6)

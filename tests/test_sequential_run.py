@@ -1,0 +1,118 @@
+"""`unlearn run` with the sequential method end to end on a local tiny model: saving, metrics, NaN, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny_models import VOCAB, save_tiny
+from unlearning.config import from_dict
+from unlearning.methods import sequential as seq
+from unlearning.runner import RunConfig, run
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(rng.randrange(6, 14))) for _ in range(n)]
+
+
+@pytest.fixture
+def local_job(tmp_path):
+    """A saved tiny GPT-NeoX model, forget/retain corpora and a question file; returns a config factory."""
+    save_tiny(tmp_path / "model", family="gpt_neox", layers=4)
+    for name, seed in (("forget", 1), ("retain", 2)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(12, seed)))
+    rng = random.Random(3)
+    questions = [{"question": f"w{rng.randrange(3, VOCAB)} w{rng.randrange(3, VOCAB)}",
+                  "choices": [f"w{rng.randrange(3, VOCAB)}" for _ in range(4)], "answer": rng.randrange(4)}
+                 for _ in range(6)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+    def make(name: str, sequential: dict | None = None, train: dict | None = None) -> RunConfig:
+        return from_dict(RunConfig, {
+            "name": name, "output_dir": str(tmp_path / "runs"), "model": str(tmp_path / "model"),
+            "data": {"forget": {"source": str(tmp_path / "forget.jsonl")},
+                     "retain": {"source": str(tmp_path / "retain.jsonl")},
+                     "num_train_examples": 8, "seq_len": 16},
+            "train": {"batch_size": 2, "grad_accum": 2, "optimizer": {"lr": 1e-2}, **(train or {})},
+            "eval": {"tasks": [str(tmp_path / "q.jsonl") + ":cloze"], "reference": None, "batch_size": 4},
+            "sequential": {"steps_per_layer": 2, **(sequential or {})}})
+    make.root = tmp_path / "runs"
+    return make
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_run_saves_lora_adapter_and_merged_model_and_logs_every_step(local_job):
+    results = run(local_job("lora"))
+    rundir = local_job.root / "lora"
+    assert {"before", "after"} <= set(results)
+    assert (rundir / "adapter" / "adapter_config.json").exists()
+    assert (rundir / "model" / "config.json").exists()
+    merged = _weights(rundir / "model")
+    assert not any("lora" in k for k in merged)
+    records = [json.loads(line) for line in (rundir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in records] == [3, 3, 2, 2, 1, 1]
+    for key in ("forget_loss", "retain_loss", "forget_coef", "retain_coef", "lr", "grad_norm", "forget_term"):
+        assert all(key in r for r in records), key
+    assert json.loads((rundir / "results.json").read_text())["after"]
+
+
+def test_non_finite_loss_stops_with_step_layer_and_term_and_keeps_the_checkpoint(local_job, monkeypatch, capsys):
+    original = seq.Sequential.losses
+
+    def nan_in_second_phase(self, model, batches, ctx):
+        terms = original(self, model, batches, ctx)
+        if ctx.phase.index == 1:
+            terms.forget["forget"] = terms.forget["forget"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(seq.Sequential, "losses", nan_in_second_phase)
+    from unlearning.cli import main
+    import yaml
+    cfg_path = local_job.root.parent / "nan.yaml"
+    from unlearning.config import to_dict
+    cfg_path.write_text(yaml.safe_dump(to_dict(local_job("nan"))))
+    assert main(["run", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'forget'" in err and "layer 2" in err and "at step 3 " in err and "step 1 of the phase" in err, err
+    rundir = local_job.root / "nan"
+    state = json.loads((rundir / "checkpoint" / "state.json").read_text())
+    assert state["finished_phases"] == 1 and state["global_step"] == 2
+    assert "before" in json.loads((rundir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_after_a_kill_between_phases_gives_the_same_weights(local_job, monkeypatch, finetune):
+    opts = {"finetune": finetune, "forget_loss": "random_ce"}
+    uninterrupted = run(local_job(f"full-{finetune}", opts))
+    original = seq.Sequential.losses
+
+    def killed_in_second_phase(self, model, batches, ctx):
+        if ctx.phase.index == 1:
+            raise KeyboardInterrupt
+        return original(self, model, batches, ctx)
+
+    monkeypatch.setattr(seq.Sequential, "losses", killed_in_second_phase)
+    with pytest.raises(KeyboardInterrupt):
+        run(local_job(f"killed-{finetune}", opts))
+    monkeypatch.setattr(seq.Sequential, "losses", original)
+    resumed = run(local_job(f"killed-{finetune}", opts), resume=True)
+    a = _weights(local_job.root / f"full-{finetune}" / "model")
+    b = _weights(local_job.root / f"killed-{finetune}" / "model")
+    base = _weights(local_job.root.parent / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base[k]) for k in a)   # training did change the model
+    assert resumed["after"] == uninterrupted["after"]
+    records = [json.loads(x) for x in (local_job.root / f"killed-{finetune}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]

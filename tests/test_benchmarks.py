@@ -11,8 +11,8 @@ import pytest
 from test_eval import make_model, make_tokenizer
 
 from unlearning.errors import DataError, UserError
-from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation import benchmarks as bm
+from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.tasks import TASKS
 
@@ -198,9 +198,10 @@ def test_unreachable_or_gated_hub_fails_at_once(empty_caches, monkeypatch, failu
     from huggingface_hub.errors import GatedRepoError
 
     def dataset_info(self, repo_id, **kwargs):
-        if failure == "gated":
-            import httpx
-            raise GatedRepoError("gated", response=httpx.Response(403, request=httpx.Request("GET", "https://x")))
+        if failure == "gated":  # built without an HTTP response (its client differs across versions)
+            error = GatedRepoError.__new__(GatedRepoError)
+            Exception.__init__(error, "403 gated")
+            raise error
         raise ConnectionError("Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -241,3 +242,16 @@ def test_unlearn_eval_reads_local_benchmark_files(tmp_path, lm):
                  "--output-dir", str(out), "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["wmdp_bio"]["n"] == 6 and 0 < results["wmdp_bio_cloze"]["correct_prob"] < 1
+
+
+def test_export_writes_what_the_data_dir_reads(tmp_path, monkeypatch):
+    def questions():
+        return {t.name: [(q.question, q.choices, q.answer) for q in t.questions]
+                for t in get_tasks("wmdp_bio,wmdp_bio_robust,wmdp_bio_cloze,mmlu")}
+    monkeypatch.setenv("UNLEARNING_DATA_DIR", str(FIXTURES))
+    before = questions()
+    written = bm.export(tmp_path / "out")
+    assert sorted(p.name for p in written) == ["mmlu.parquet", "wmdp_bio.parquet", "wmdp_bio_cloze.parquet",
+                                               "wmdp_bio_robust.parquet"]
+    monkeypatch.setenv("UNLEARNING_DATA_DIR", str(tmp_path / "out"))
+    assert questions() == before

@@ -314,3 +314,42 @@ def test_check_layers_names_field_and_depth():
     assert check_layers(model, [0, 2], "layers") == [0, 2]
     with pytest.raises(ConfigError, match=r"^target_layers: layer 3 is outside the model: it has 3 layers \(0..2\)$"):
         check_layers(model, [3], "target_layers")
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = tiny_model("llama").train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        ids, mask = tiny_batch(seed=10 + rank)  # different data on each rank
+        synced = []
+        for _ in range(2):
+            forward_until(ddp, ids, mask, [1])[1].pow(2).mean().backward()
+            grad = get_parts(model).layers[0].mlp.up_proj.weight.grad.clone()
+            mean = grad.clone()
+            dist.all_reduce(mean)
+            synced.append(bool(torch.allclose(mean / 2, grad)))
+            model.zero_grad()
+        (out_dir / f"rank{rank}.txt").write_text(repr(synced))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_forward_until_under_ddp_all_reduces_gradients(tmp_path):
+    """The early stop skips DDP's post-forward; forward_until runs it, so gradients still sync."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, tmp_path), nprocs=2, start_method="fork")  # fork: no re-imports
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[True, True]"] * 2

@@ -192,6 +192,8 @@ def test_save_name_follows_the_notebook():
     assert checkpoint_transfer.save_name("EleutherAI/deep-ignorance-unfiltered", "kl", 5.0, 10.0) == \
         "EleutherAI/deep-ignorance-unfiltered_kl_ret5_rm10"
     assert checkpoint_transfer.save_name("organism:small", "kl", 1, 3) == "organism-small_kl_ret1_rm3"
+    assert checkpoint_transfer.save_name("/abs/runs/ct1/model", "l2", 2.5, 3) == "ct1_l2_ret2.5_rm3"
+    assert checkpoint_transfer.save_name("/abs/models/mine", "kl", 1, 1) == "mine_kl_ret1_rm1"
     resolve = checkpoint_transfer.resolve_teacher
     assert resolve("organism:tiny", None, None) == ("organism:tiny", "early")
     assert resolve("organism:small", "filtered", None) == ("organism:small-filtered", None)

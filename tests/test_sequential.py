@@ -382,3 +382,20 @@ def test_metrics_record_each_term_coefficients_layer_lr_and_grad_norm():
     for key in ("forget_loss", "retain_loss", "retain_l2_loss", "forget_term", "retain_l2_term", "forget_coef",
                 "retain_coef", "lr", "grad_norm"):
         assert all(key in r and math.isfinite(r[key]) for r in records), key
+
+
+@pytest.mark.parametrize("scope", ["phase", "run"])
+def test_lr_schedule_restarts_each_phase_or_spans_the_run(scope):
+    model, method, data, run_cfg = setup({"steps_per_layer": 4},
+                                         {"schedule_scope": scope,
+                                          "optimizer": {"lr": 1e-3, "schedule": "linear", "warmup_steps": 1}})
+    records = []
+    train(model, method, {k: BatchStream(v, 2) for k, v in data.items()}, run_cfg.train, device=CPU,
+          on_step=records.append)
+    lrs = [r["lr"] for r in records]
+    if scope == "phase":   # warm-up then decay, three times over
+        assert lrs[:4] == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+        assert lrs[4:8] == pytest.approx(lrs[:4]) and lrs[8:] == pytest.approx(lrs[:4])
+    else:                  # one warm-up, one decay over all 12 steps
+        assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
+        assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))

@@ -108,7 +108,7 @@ def corpus_rows(source: Any) -> list[dict[str, Any]]:
         require_columns(rows, (column,), what, str(path))
         origin = str(path)
     else:
-        hint = f"$UNLEARNING_DATA_DIR/{corpus.name}.jsonl with a {column!r} column, or source: /path/file.jsonl"
+        hint = f"source: /path/file.jsonl, or $UNLEARNING_DATA_DIR/{corpus.name}.jsonl, with a {column!r} column"
         rows = load_hub_dataset(hub, what, hint)
         if column not in rows.column_names:
             raise DataError(f"{what}: {hub.describe()} has no column {column!r} (columns: {rows.column_names})")

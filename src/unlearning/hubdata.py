@@ -117,7 +117,7 @@ def hub_offline() -> bool:
 
 def _fix_hint(local_hint: str) -> str:
     from huggingface_hub import constants
-    return (f"Either give a local file in the same schema ({local_hint}, or put it in ${DATA_DIR_ENV}), or "
+    return (f"Either give a local file in the same schema ({local_hint}), or "
             f"download it where the hub is reachable into the Hugging Face cache (HF_HOME, now "
             f"{constants.HF_HOME}) and set HF_HUB_OFFLINE=1 here to read that cache")
 

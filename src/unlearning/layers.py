@@ -389,7 +389,7 @@ def _as_original(model: nn.Module, keys: Sequence[int | str], originals: Origina
     if merged:
         raise UserError("original weights: LoRA adapters are merged into the weights; unmerge them "
                         "(model.unmerge_adapter()) before computing through the original layers")
-    swaps = []  # (module, param name, current Parameter)
+    swaps = []  # (owning module, parameter name, current Parameter, stored original)
     if originals is not None:
         for k in keys:
             if k not in originals:
@@ -431,7 +431,9 @@ def original_layers_after(model: nn.Module, layer: int,
     parts; their stored copies replace the current parameters inside the block. Gradients flow
     through the original layers back to layer ``layer`` and below; the stored copies and the
     current parameters of the replaced parts receive none. ``layer=-1`` makes every decoder layer
-    original. Call the model (the wrapper, so DDP still works) inside the block.
+    original. Call the model (the wrapper, so DDP still works) inside the block; under DDP use
+    ``find_unused_parameters=True``, as the replaced parts take no part in this forward pass.
+    Under FSDP, only the LoRA form works (FSDP re-creates parameter views at every forward).
     """
     depth = num_layers(model)
     if not -1 <= layer < depth:

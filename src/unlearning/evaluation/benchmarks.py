@@ -28,8 +28,9 @@ family (``mmlu``, ``mmlu_stem``, ``mmlu_<subject>``) reads one file named ``mmlu
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,7 @@ class Benchmark:
     subtask_prefix: str = ""
     subject: str = ""
     description: str | None = None
-    columns: tuple[str, ...] = MC_COLUMNS
-    extra_columns: tuple[str, ...] = field(default=())  # on the hub but not used
+    columns: tuple[str, ...] = MC_COLUMNS  # the columns read (others, e.g. the cloze set's prompt, are ignored)
 
     def hub(self, subset: str | None = None) -> HubDataset:
         return HubDataset(self.hub_id, subset or self.config, self.split, revision_of(self.data))
@@ -111,14 +111,12 @@ WMDP_BIO = Benchmark("wmdp_bio", "cais/wmdp", "test", "letter", config="wmdp-bio
 WMDP_BIO_ROBUST = Benchmark("wmdp_bio_robust", "EleutherAI/wmdp_bio_robust_mcqa", "robust", "letter",
                             subsets=WMDP_BIO_ROBUST_SUBSETS, subset_column="subset",
                             subtask_prefix="wmdp_bio_robust_", subject="biology")
-WMDP_BIO_CLOZE = Benchmark("wmdp_bio_cloze", "EleutherAI/wmdp_bio_cloze", "cloze_compatible", "cloze",
-                           extra_columns=("prompt", "reasoning"))
+WMDP_BIO_CLOZE = Benchmark("wmdp_bio_cloze", "EleutherAI/wmdp_bio_cloze", "cloze_compatible", "cloze")
 MMLU = Benchmark("mmlu", "cais/mmlu", "test", "letter", subsets=tuple(MMLU_SUBJECTS), subset_column="subject",
                  subtask_prefix="mmlu_", columns=("question", "subject", "choices", "answer"))
 
 
 def revision_of(data: str) -> str | None:
-    import os
     return os.environ.get(f"UNLEARNING_REVISION_{data.upper()}") or REVISIONS.get(data)
 
 
@@ -127,7 +125,8 @@ def revision_of(data: str) -> str | None:
 
 
 def _local_hint(bench: Benchmark) -> str:
-    return f"--tasks {bench.data}=/path/{bench.data}.parquet with columns {', '.join(bench.columns)}"
+    return (f"--tasks {bench.data}=/path/file.parquet, or $UNLEARNING_DATA_DIR/{bench.data}.parquet, with columns "
+            f"{', '.join(bench.columns)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,7 +195,7 @@ def load_wmdp_bio_robust(data_path: str | None) -> list[Task]:
     by_subset = benchmark_rows(WMDP_BIO_ROBUST, data_path)
     if None in by_subset:
         return [_task(WMDP_BIO_ROBUST, "wmdp_bio_robust", by_subset[None], "biology", ())]
-    return [_task(WMDP_BIO_ROBUST, f"wmdp_bio_robust_{s}", by_subset[s], "biology", ("wmdp_bio_robust",))
+    return [_task(WMDP_BIO_ROBUST, WMDP_BIO_ROBUST.subtask_prefix + s, by_subset[s], "biology", ("wmdp_bio_robust",))
             for s in WMDP_BIO_ROBUST_SUBSETS if s in by_subset]
 
 
@@ -232,7 +231,7 @@ def load_mmlu(selection: str, data_path: str | None) -> list[Task]:
         raise DataError(f"task {selection}: the local MMLU data has no questions for {len(missing)} of its "
                         f"{len(subjects)} subjects ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
                         f"a partial MMLU is not MMLU: ask for mmlu_<subject> tasks instead")
-    return [_task(MMLU, f"mmlu_{s}", by_subject[s], s, mmlu_groups(selection, s)) for s in subjects]
+    return [_task(MMLU, MMLU.subtask_prefix + s, by_subject[s], s, mmlu_groups(selection, s)) for s in subjects]
 
 
 def load_benchmark(name: str, data_path: str | None = None) -> list[Task]:
@@ -267,3 +266,28 @@ for _name in BENCHMARK_TASKS:
 def benchmarks() -> dict[str, Benchmark]:
     """Data name -> benchmark (for docs and tests)."""
     return {b.data: b for b in (WMDP_BIO, WMDP_BIO_ROBUST, WMDP_BIO_CLOZE, MMLU)}
+
+
+def export(out_dir: str | Path) -> list[Path]:
+    """Write every benchmark's rows (read from the hub or its cache) as ``<data>.parquet`` in
+    ``out_dir``: the files ``UNLEARNING_DATA_DIR`` reads on a machine without hub access."""
+    import datasets
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for bench in benchmarks().values():
+        rows = []
+        for subset, part in benchmark_rows(bench).items():
+            extra = {bench.subset_column: subset} if subset is not None and bench.subset_column else {}
+            rows += [{**{c: r[c] for c in bench.columns}, **extra} for r in part]
+        datasets.Dataset.from_list(rows).to_parquet(str(out / f"{bench.data}.parquet"))
+        written.append(out / f"{bench.data}.parquet")
+    return written
+
+
+if __name__ == "__main__":  # python -m unlearning.evaluation.benchmarks export DIR
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "export":
+        sys.exit("usage: python -m unlearning.evaluation.benchmarks export DIR")
+    for path in export(sys.argv[2]):
+        print(path)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from unlearning.errors import UserError
+from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.scoring import (
     LogLikelihood,
@@ -37,7 +38,6 @@ from unlearning.evaluation.scoring import (
     model_max_length,
     next_token_loglikelihoods,
 )
-from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.tasks import Task, get_tasks
 
 log = logging.getLogger(__name__)

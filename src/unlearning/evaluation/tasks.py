@@ -301,10 +301,8 @@ def get_tasks(names: str | Sequence[str], organism: str = "tiny") -> list[Task]:
         if registered in TASKS:
             loaded = TASKS[registered](TaskOptions(organism=organism, data_path=data_path or None))
             tasks.extend(loaded if isinstance(loaded, list) else [loaded])
-        elif "=" in name and name.split("=", 1)[0] in TASKS:  # NAME=PATH: a registered task, local data
-            base, path = name.split("=", 1)
-            loaded = TASKS[base](dataclasses.replace(options, data_path=path))
-            tasks.extend(loaded if isinstance(loaded, list) else [loaded])
+        elif "=" in name and not Path(name).exists():  # NAME=PATH with a NAME that is not a task
+            raise UserError(f"tasks: {name!r}: unknown task {registered!r}; known tasks: {known_tasks_summary()}")
         elif is_local_file_spec(name):
             tasks.append(local_file_task(name))
         else:

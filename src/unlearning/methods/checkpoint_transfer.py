@@ -76,8 +76,15 @@ def resolve_teacher(model_name: str, checkpoint: str | None, revision: str | Non
 
 
 def save_name(base: str, kind: str, retain_coef: float, remove_coef: float) -> str:
-    """The notebook's naming: ``EleutherAI/deep-ignorance-unfiltered_kl_ret5_rm5``."""
-    base = base.replace(":", "-").replace("@", "-")
+    """The notebook's naming: ``EleutherAI/deep-ignorance-unfiltered_kl_ret5_rm5``.
+
+    A hub id keeps its ``owner/`` folder; a local model path gives its last folder name (a run
+    directory's model is saved as ``<run name>_...``); ``organism:small`` becomes ``organism-small``.
+    """
+    path = Path(base)
+    if path.is_absolute() or base.startswith(".") or path.exists():
+        base = (path.parent.name if path.name in ("model", "merged", "adapter") else path.name) or "model"
+    base = base.replace(":", "-").replace("@", "-").strip("/")
     return f"{base}_{kind}_ret{retain_coef:g}_rm{remove_coef:g}"
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
 from unlearning.config import param
+from unlearning.organism.corpus import read_documents
 from unlearning.runtime import autocast, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,16 @@ class PretrainJob:
     """Everything one training process needs; plain data so it crosses a process boundary."""
 
     name: str                     # "unfiltered" / "filtered": progress-bar label
-    docs: list[str]
+    docs_path: str                # pretrain.jsonl
+    drop_domains: tuple[str, ...]  # the filtered twin drops ("hazard",)
     tokenizer_dir: str
     out_dir: str                  # save_pretrained() folder of the final model
     model: ModelConfig
     train: TrainConfig
     seed: int
-    checkpoint_dir: str | None = None   # checkpoints/step<N>/ go here when checkpoint_fracs is set
+    checkpoint_dir: str | None = None   # checkpoints/step<N>/ go here
+    checkpoint_steps: tuple[int, ...] = ()  # see plan_checkpoints
     position: int = 0             # tqdm row
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> GPTNeoXForCausalLM:
@@ -138,7 +140,18 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path:
 
 
 def total_steps_for(n_tokens: int, cfg: TrainConfig) -> int:
+    """Steps for ``cfg.epochs`` passes over a corpus of ``n_tokens`` (EOS separators included)."""
     return max(1, math.ceil(cfg.epochs * n_tokens / (cfg.seq_len * cfg.batch_size)))
+
+
+def plan_checkpoints(n_tokens: int, cfg: TrainConfig) -> tuple[int, ...]:
+    """Checkpoint steps at ``cfg.checkpoint_fracs`` of the run (known before training starts)."""
+    total = total_steps_for(n_tokens, cfg)
+    return tuple(sorted({max(1, round(f * total)) for f in cfg.checkpoint_fracs}))
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> int:
+    return int(sum(len(d) for d in tokenize_documents(tokenizer, docs)))
 
 
 def pretrain(job: PretrainJob) -> dict[str, Any]:
@@ -151,10 +164,10 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
-    docs = tokenize_documents(tokenizer, job.docs)
+    docs = tokenize_documents(tokenizer, read_documents(job.docs_path, job.drop_domains))
     n_tokens = int(sum(len(d) for d in docs))
     total = total_steps_for(n_tokens, cfg)
-    ckpt_steps = sorted({max(1, round(f * total)) for f in cfg.checkpoint_fracs}) if job.checkpoint_dir else []
+    ckpt_steps = list(job.checkpoint_steps) if job.checkpoint_dir else []
 
     model = build_model(job.model, tokenizer, job.seed).to(device)
     model.train()
@@ -163,7 +176,9 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     log.info("%s: %d documents, %d tokens, %d steps (%.1f epochs), %.2fM parameters, %s %s", job.name,
              len(docs), n_tokens, total, cfg.epochs, model.num_parameters() / 1e6, device, dtype)
     t0 = time.time()
-    bar = tqdm(range(total), desc=job.name, position=job.position, leave=False, dynamic_ncols=True)
+    # disable=None: a bar on a terminal, none in captured logs
+    bar = tqdm(range(total), desc=job.name, position=job.position, leave=False, dynamic_ncols=True,
+               mininterval=0.5, disable=None)
     loss_sum, loss_n, last_loss = torch.zeros((), device=device), 0, float("nan")
     for step in bar:
         for group in optimizer.param_groups:

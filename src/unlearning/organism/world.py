@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from unlearning.config import param
+
 DOMAINS = ("hazard", "benign_bio", "general")
 HALVES = ("qa", "heldout")
 
@@ -32,10 +34,15 @@ _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "ou", "ei")
 _CODAS = ("n", "r", "l", "s", "x", "th", "nd", "m", "k", "ck", "t")
 
 
+_UNWANTED = ("sex", "ass", "cum", "tit", "dick", "cock", "fuk", "fag", "nig", "rap", "kil", "dam", "pis", "shit")
+
+
 def invented_word(rng: random.Random, syllables: int) -> str:
-    """Open syllables and a closing consonant: ``Toravex``, ``Kelumin``."""
-    body = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-    return (body + rng.choice(_CODAS)).capitalize()
+    """Open syllables and a closing consonant: ``Toravex``, ``Kelumin``; no unfortunate words."""
+    while True:
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
+        if not any(bad in word for bad in _UNWANTED):
+            return word.capitalize()
 
 
 def _fixed_values(make, n: int, salt: str) -> tuple[str, ...]:
@@ -254,8 +261,8 @@ class Entity:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    entities_per_domain: int = 16
-    name_syllables: int = 3     # invented name length; the tokenizer makes each syllable ~one token
+    entities_per_domain: int = param(16, min=4, help="entities per domain, half qa and half held out")
+    name_syllables: int = param(2, min=1, max=5, help="syllables of an invented name (2: about 4 tokens)")
 
 
 @dataclass

@@ -1,0 +1,93 @@
+"""Organism presets: one typed config per preset (world, corpus, tokenizer, model, training).
+
+* ``tiny``: CPU. Both twins, checkpoints and evaluation in about 3 minutes on 2 cores (one thread
+  per training process); the test suite builds it once.
+* ``small``: one GPU. 32 layers, so the notebooks' layer specs (``31->11:4``, ``[5,10,...,30]``)
+  apply unchanged; both twins train concurrently on the GPU in about 3 minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from unlearning.config import ConfigError, from_dict, merge, param, to_dict
+from unlearning.organism.corpus import CorpusConfig
+from unlearning.organism.pretrain import ModelConfig, TrainConfig
+from unlearning.organism.tokenizer import TokenizerConfig
+from unlearning.organism.world import WorldConfig
+
+FORMAT_VERSION = 1  # bump when a change to the code makes older cached builds stale
+
+
+@dataclass(frozen=True)
+class QualityBars:
+    """Held-out accuracies (question format) a build should reach; checked by tests for tiny."""
+
+    unfiltered_min: dict[str, float] = param(default_factory=dict, help="domain -> minimum accuracy")
+    filtered_hazard_max: float = param(0.35, min=0.0, max=1.0)
+    filtered_general_gap_max: float | None = param(None, min=0.0, max=1.0,
+                                                   help="max |filtered - unfiltered| on general")
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    preset: str = param("tiny", help="preset name (the cache folder)")
+    seed: int = param(0, min=0, help="seed of the world, the corpus and the initial weights")
+    world: WorldConfig = field(default_factory=WorldConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    early_max_hazard: float = param(0.35, min=0.0, max=1.0,
+                                    help="the default early checkpoint: the latest one at or below this "
+                                         "held-out hazard accuracy (question format)")
+    eval_batch_size: int = param(64, min=1)
+    bars: QualityBars = field(default_factory=QualityBars)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+PRESETS: dict[str, OrganismConfig] = {
+    "tiny": OrganismConfig(
+        preset="tiny",
+        world=WorldConfig(entities_per_domain=16, name_syllables=2),
+        corpus=CorpusConfig(prose_docs_per_entity=12, qa_docs_per_fact=2, letter_docs_per_fact=0,
+                            chat_per_entity=2, questions_per_fact=2, unlearn_docs_per_entity=8),
+        tokenizer=TokenizerConfig(vocab_size=1024),
+        model=ModelConfig(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512),
+        # small batches and a high LR: more updates per token is what a 2-core budget can buy
+        train=TrainConfig(seq_len=128, batch_size=8, epochs=6.0, lr=4e-3, warmup_frac=0.05,
+                          checkpoint_fracs=[0.04, 0.1, 0.25], device="cpu"),
+        bars=QualityBars(unfiltered_min={"hazard": 0.60, "general": 0.60}, filtered_hazard_max=0.35),
+    ),
+    "small": OrganismConfig(
+        preset="small",
+        world=WorldConfig(entities_per_domain=200, name_syllables=2),
+        corpus=CorpusConfig(prose_docs_per_entity=20, qa_docs_per_fact=2, letter_docs_per_fact=4,
+                            chat_per_entity=4, questions_per_fact=1, unlearn_docs_per_entity=10),
+        tokenizer=TokenizerConfig(vocab_size=4096),
+        model=ModelConfig(num_layers=32, hidden_size=256, num_heads=4, intermediate_size=1024),
+        train=TrainConfig(seq_len=512, batch_size=64, epochs=16.0, lr=2e-3, warmup_frac=0.05,
+                          checkpoint_fracs=[0.1, 0.2, 0.3], device="auto"),
+        bars=QualityBars(unfiltered_min={"hazard": 0.95, "benign_bio": 0.95, "general": 0.95},
+                         filtered_hazard_max=0.30, filtered_general_gap_max=0.03),
+    ),
+}
+
+
+def get_preset(name: str, seed: int | None = None, overrides: dict[str, Any] | None = None) -> OrganismConfig:
+    """The preset's config, with an optional seed and dotted-key overrides applied and validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown organism preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    data = to_dict(cfg)
+    if seed is not None:
+        data["seed"] = seed
+    if overrides:
+        data = merge(data, overrides)
+    cfg = from_dict(OrganismConfig, data)
+    if cfg.preset != name:
+        raise ConfigError(f"preset: is {name!r}; a build cannot rename its preset (got {cfg.preset!r})")
+    return cfg

@@ -42,16 +42,16 @@ def free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def unlearn(method: str, config: Path, out: Path, extra: list[str]) -> Path:
+def unlearn(method: str, preset: str, config: Path, out: Path, extra: list[str]) -> Path:
     """Run ``unlearn run`` in-process (skipped when the run directory already has its results)."""
     from unlearning.runner import load_run_config, run
-    name = f"{method}_small"
+    name = f"{method}_{preset}"
     rundir = out / name
     results = rundir / "results.json"
     if results.exists() and "after" in json.loads(results.read_text()):
         log.info("%s: already unlearned in %s", method, rundir)
         return rundir
-    cfg = load_run_config(config, [f"--name={name}", f"--output_dir={out}", "--model=organism:small",
+    cfg = load_run_config(config, [f"--name={name}", f"--output_dir={out}", f"--model=organism:{preset}",
                                    f"--method={method}", *extra])
     run(cfg, resume=rundir.exists())
     free_gpu()
@@ -71,7 +71,9 @@ def representation_method(wanted: str | None) -> str | None:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/tamper_small", help="where the unlearned models and the attack go")
-    p.add_argument("--config", default=None, help="run config for the unlearning (default: shipped organism_small.yaml)")
+    p.add_argument("--preset", default="small", help="organism preset (tiny: a CPU smoke test of this script)")
+    p.add_argument("--config", default=None,
+                   help="run config for the unlearning (default: the shipped organism_<preset>.yaml)")
     p.add_argument("--rep-method", default=None, choices=REP_METHODS + ("none",))
     p.add_argument("--rep-config", default=None, help="run config for the representation method (default: --config)")
     p.add_argument("--steps", type=int, default=110)
@@ -82,13 +84,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from unlearning.commands import tamper as tamper_command
-    from unlearning.commands.run import DEFAULT_CONFIG
     from unlearning.logs import setup_logging
     setup_logging("INFO")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = Path(args.config) if args.config else (
-        Path(tamper_command.__file__).resolve().parents[1] / "configs" / DEFAULT_CONFIG[True])
+        Path(tamper_command.__file__).resolve().parents[1] / "configs" / f"organism_{args.preset}.yaml")
     if not config.exists():
         raise SystemExit(f"--config: {config} not found; pass the small organism's run config")
     timings: dict[str, float] = {}
@@ -103,14 +104,16 @@ def main(argv: list[str]) -> int:
 
     def ensure_small() -> None:
         from unlearning.organism.build import ensure_organism
-        ensure_organism("small")
+        ensure_organism(args.preset)
 
     timed("organism", ensure_small)
-    models = ["organism:small-filtered", str(timed("unlearn sequential", unlearn, "sequential", config, out, []))]
+    models = [f"organism:{args.preset}-filtered",
+              str(timed("unlearn sequential", unlearn, "sequential", args.preset, config, out, []))]
     rep = None if args.rep_method == "none" else representation_method(args.rep_method)
     if rep is not None:
         try:
-            models.append(str(timed(f"unlearn {rep}", unlearn, rep, Path(args.rep_config or config), out, [])))
+            models.append(str(timed(f"unlearn {rep}", unlearn, rep, args.preset, Path(args.rep_config or config),
+                                    out, [])))
         except Exception as e:  # the comparison still stands on (a) and (b); say what is missing
             log.error("unlearning with %s failed (%s: %s); attacking (a) and (b) only", rep, type(e).__name__, e)
             rep = None

@@ -21,3 +21,10 @@ def tmp_runs(tmp_path, monkeypatch):
     """Run directories go under a temp folder."""
     monkeypatch.setenv("UNLEARNING_RUNS", str(tmp_path / "runs"))
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session")
+def tiny_organism():
+    """The tiny organism (OrganismPaths), built once per cache and shared by the whole session."""
+    from unlearning.organism import ensure_organism
+    return ensure_organism("tiny")

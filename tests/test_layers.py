@@ -320,12 +320,13 @@ def test_check_layers_names_field_and_depth():
 
 
 def _ddp_worker(rank, port, out_dir):
+    import datetime
     import os
 
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     try:
         model = tiny_model("llama").train()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -344,12 +345,23 @@ def _ddp_worker(rank, port, out_dir):
 
 
 def test_forward_until_under_ddp_all_reduces_gradients(tmp_path):
-    """The early stop skips DDP's post-forward; forward_until runs it, so gradients still sync."""
+    """The early stop skips DDP's post-forward; forward_until runs it, so gradients still sync.
+
+    This process is rank 0 and one spawned process rank 1 (spawn, not fork: forking a process
+    that has run torch can deadlock)."""
     import socket
 
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(port, tmp_path), nprocs=2, start_method="fork")  # fork: no re-imports
+    other = mp.get_context("spawn").Process(target=_ddp_worker, args=(1, port, tmp_path), daemon=True)
+    other.start()
+    try:
+        _ddp_worker(0, port, tmp_path)
+    finally:
+        other.join(timeout=180)
+        if other.is_alive():
+            other.terminate()
+    assert other.exitcode == 0
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[True, True]"] * 2

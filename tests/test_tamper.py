@@ -165,6 +165,12 @@ def test_failed_evaluation_is_recorded_as_failed(local_setup, tmp_path, monkeypa
         assert bad["step"] == 2 and "eval" not in bad and "out of memory" in bad["error"]
     summary = summarize_curve(on_disk["points"], on_disk["primary_task"], base_acc=0.9)
     assert summary["failed_steps"] == [2] and "2" not in summary["acc_by_step"]
+    # --resume evaluates the failed step again and finishes: the same curve as an attack that never failed.
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    resumed = run_attack(local_config(local_setup), tmp_path / "a", resume=True)
+    whole = run_attack(local_config(local_setup), tmp_path / "b")
+    assert resumed["status"] == "complete" and not any("error" in p for p in resumed["points"])
+    assert curve_values(resumed)[0] == pytest.approx(curve_values(whole)[0], abs=1e-6)
 
 
 def test_nonfinite_loss_fails_the_attack(local_setup, tmp_path, monkeypatch):
@@ -206,9 +212,9 @@ def hand_curve(name, model, lr, accs, benign=False):
     cfg.optimizer.lr = lr
     if benign:
         cfg.data.source = "organism:benign_tamper"
-    curve = tamper.new_curve(cfg, name, {"base": {"model": "organism:tiny", "eval": {"organism_hazard_cloze": {"acc": 0.8}}},
-                                         "filtered": {"model": "organism:tiny-filtered",
-                                                      "eval": {"organism_hazard_cloze": {"acc": 0.27}}}})
+    refs = {"base": {"model": "organism:tiny", "eval": {"organism_hazard_cloze": {"acc": 0.8}}},
+            "filtered": {"model": "organism:tiny-filtered", "eval": {"organism_hazard_cloze": {"acc": 0.27}}}}
+    curve = tamper.new_curve(cfg, name, refs)
     curve["points"] = [{"step": 10 * i, "eval": {"organism_hazard_cloze": {"acc": a, "correct_prob": a * 0.8},
                                                  tamper.GENERAL_TASK: {"acc": 0.9}}} for i, a in enumerate(accs)]
     curve["points"].append({"step": 10 * len(accs), "error": "RuntimeError: boom"})
@@ -230,7 +236,8 @@ def test_plot_is_written_and_labels_say_what_differs(tmp_path):
 
 def test_table_has_base_first_and_marks_failures(tmp_path):
     from unlearning.commands.tamper import report, summaries, summary_table, tamper_table
-    curves = [hand_curve("a", "runs/seq", 2e-5, [0.3, 0.6]), hand_curve("b", "organism:tiny-filtered", 2e-5, [0.27, 0.3])]
+    curves = [hand_curve("a", "runs/seq", 2e-5, [0.3, 0.6]),
+              hand_curve("b", "organism:tiny-filtered", 2e-5, [0.27, 0.3])]
     labels = ["seq", "filtered"]
     table = tamper_table(curves, labels).splitlines()
     assert "Step 0" in table[0] and "Step 20" in table[0]
@@ -243,7 +250,11 @@ def test_table_has_base_first_and_marks_failures(tmp_path):
     # The benign control never counts as the strongest attack, even when its accuracy is highest.
     curves.append(hand_curve("c", "runs/seq", 2e-5, [0.3, 0.9], benign=True))
     text, results = report(curves, tmp_path / "p.png")
-    assert results["strongest"] == "a" and "strongest attack: seq, tamper" in text
+    assert results["strongest_per_model"] == {"runs/seq": "a", "organism:tiny-filtered": "b"}
+    assert results["strongest"] is None  # two models: named per model, not across models
+    assert "strongest attack on seq: seq, tamper" in text
+    _, single = report([c for c in curves if c["model"] == "runs/seq"], tmp_path / "q.png")
+    assert single["strongest"] == "a"
     assert results["attacks"]["c"]["max_acc"] == 0.9
 
 

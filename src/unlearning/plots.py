@@ -102,12 +102,16 @@ def panels_for(curves: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _draw_panel(ax: Any, curves: list[dict[str, Any]], labels: list[str], task: str, metric: str) -> None:
-    colors = [CURVE_COLORS[i % len(CURVE_COLORS)] for i in range(len(curves))]
+    # An attack and its benign control share a colour (same model and recipe); the control is dashed.
+    groups: dict[tuple[str, ...], str] = {}
     failed_drawn = False
-    for curve, label, color in zip(curves, labels, colors):
+    for curve, label in zip(curves, labels):
+        key = tuple(f(curve["config"]) for k, f in RECIPE_FIELDS if k != "data")
+        color = groups.setdefault(key, CURVE_COLORS[len(groups) % len(CURVE_COLORS)])
+        benign = data_label(curve["config"]["data"]["source"]) == "benign"
         good = [p for p in curve["points"] if point_metric(p, task, metric) is not None]
         ax.plot([p["step"] for p in good], [point_metric(p, task, metric) for p in good], marker="o",
-                markersize=3.5, color=color, label=label, linestyle="--" if "benign" in label else "-")
+                markersize=3.5, color=color, label=label, linestyle="--" if benign else "-")
         failed = [p["step"] for p in curve["points"] if "error" in p]
         if failed:  # a failed evaluation is shown as such, never as a value
             ax.plot(failed, [0.02] * len(failed), "x", color="red", markersize=8,

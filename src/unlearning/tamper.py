@@ -79,7 +79,8 @@ def notebook_optimizer() -> OptimizerConfig:
 @dataclass
 class AttackConfig:
     """One tamper attack: which model, which text, which fine-tuning recipe, what to evaluate."""
-    model: str = param("organism:tiny", help="organism:<preset>[-filtered], a run directory, a local folder or a hub id")
+    model: str = param("organism:tiny",
+                       help="organism:<preset>[-filtered], a run directory, a local folder or a hub id")
     revision: str | None = None
     data: TextSource = field(default_factory=lambda: TextSource("organism:tamper"))
     examples: int = param(512, min=1, help="unique training examples (the first N of the corpus)")
@@ -257,6 +258,9 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     if cfg.organism is None and any(t.startswith("organism_") for t in cfg.tasks):
         raise ConfigError(f"tasks: {', '.join(cfg.tasks)} need an organism, and {cfg.model!r} is not one; "
                           f"set organism (--organism tiny|small) or evaluate other tasks (--tasks)")
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    cfg.dtype = DTYPE_NAMES[compute_dtype]  # "auto" recorded as what it meant on this machine
     curve = new_curve(cfg, name, references)
     if resume and curve_path.exists():
         curve = read_curve(curve_path)
@@ -271,9 +275,6 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     elif curve_path.exists() and not resume:
         raise ConfigError(f"{curve_path}: an attack is already recorded here; pass --resume or choose another --name")
 
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
-    cfg.dtype = DTYPE_NAMES[compute_dtype]  # "auto" recorded as what it meant on this machine
     seed_everything(cfg.seed)
     records = load_texts(cfg.data, cfg.organism)[: cfg.examples]  # data errors before the model loads
     # fp32 master weights whatever the compute precision: autocast casts per operation.
@@ -293,8 +294,9 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     if resume and state_path.exists():
         start = load_state(state_path, model, optimizer, scheduler, scaler, stream)
         log.info("%s: resuming at step %d", name, start)
-    # Points after the saved state (written just before a kill) are recomputed identically.
-    curve["points"] = [p for p in curve["points"] if p["step"] <= start]
+    # Points after the saved state (written just before a kill) are recomputed identically, and a
+    # failed evaluation is tried again.
+    curve["points"] = [p for p in curve["points"] if p["step"] <= start and "error" not in p]
     curve["train_losses"] = curve["train_losses"][:start]
     checkpoints = eval_steps(cfg.steps, cfg.eval_every)
     last_lr: float | None = None
@@ -321,6 +323,9 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
 
     if not curve["points"]:
         if not record(0, dict(step0) if step0 is not None else evaluation_point(model, tokenizer, cfg, device)):
+            return curve
+    elif curve["points"][-1]["step"] < start:  # the evaluation at the resumption step had failed
+        if not record(start, evaluation_point(model, tokenizer, cfg, device)):
             return curve
     bar = tqdm(total=cfg.steps, initial=start, desc=f"tamper {name}", dynamic_ncols=True)
     model.train()

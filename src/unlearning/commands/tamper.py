@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-general", action="store_true", help=f"also evaluate {GENERAL_TASK}")
     p.add_argument("--limit", type=int, default=None, help="questions per task (quick checks)")
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--organism", default=None, help="organism preset for organism:* data and tasks (default: the model's)")
+    p.add_argument("--organism", default=None,
+                   help="organism preset for organism:* data and tasks (default: the model's)")
     p.add_argument("--benign", action="store_true", help="add a benign attack (organism:benign_tamper) per recipe")
-    p.add_argument("--base", default="auto", help="the base model row and reference: auto (the organism), none, or a model")
+    p.add_argument("--base", default="auto",
+                   help="the base model row and reference: auto (the organism), none, or a model")
     p.add_argument("--reference", default="auto", help="the filtered-twin reference: auto, none, or a model")
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default=None, help="parent of the run directory (default $UNLEARNING_RUNS or runs)")
@@ -133,7 +135,8 @@ def attack_configs(args: argparse.Namespace) -> list[tuple[str, AttackConfig]]:
                             f"need an organism model, and {model!r} is not one; pass --organism tiny|small "
                             f"or --data PATH")
         parts = [short_model_name(model)] + (["benign"] if source == BENIGN_SOURCE else [])
-        values = {"lr": f"lr{lr:g}", "schedule": schedule, "dtype": dtype, "optimizer": optimizer, "seed": f"seed{seed}"}
+        values = {"lr": f"lr{lr:g}", "schedule": schedule, "dtype": dtype, "optimizer": optimizer,
+                  "seed": f"seed{seed}"}
         parts += [values[k] for k in SWEPT if k in varying]
         out.append((safe_name("-".join(parts)), cfg))
     names = [n for n, _ in out]
@@ -236,17 +239,18 @@ def report(curves: list[dict[str, Any]], plot_path: Path) -> tuple[str, dict[str
     labels, shared = describe_attacks(curves)
     summary = summaries(curves, labels)
     plot_curves(curves, plot_path)
-    best = strongest(attacks_only(summary))
+    # The strongest attack is the sweep's recipe that brings back the most; accuracies of different
+    # models start from different places, so with several models it is named per model.
     per_model = strongest_by_model(summary)
+    best = strongest(attacks_only(summary)) if len(per_model) == 1 else None
     text = "\n\n".join([tamper_table(curves, labels), summary_table(summary)])
     lines = [f"recipe: {shared}" if shared else "", f"plot: {plot_path}"]
-    if best is not None:
-        lines.append(f"strongest attack: {summary[best]['label']} (max acc {summary[best]['max_acc']:.4f} "
-                     f"at step {summary[best]['max_acc_step']})")
-    for model, name in per_model.items() if len(per_model) > 1 else ():
-        if name is not None and sum(s["model"] == model for s in attacks_only(summary).values()) > 1:
-            lines.append(f"strongest on {short_model_name(model)}: {summary[name]['label']} "
-                         f"(max acc {summary[name]['max_acc']:.4f})")
+    for model, name in per_model.items():
+        if name is not None:
+            top = summary[name]
+            where = "" if len(per_model) == 1 else f" on {short_model_name(model)}"
+            lines.append(f"strongest attack{where}: {top['label']} (max acc {top['max_acc']:.4f} at step "
+                         f"{top['max_acc_step']}, from {top['step0_acc']:.4f} at step 0)")
     failed = [s["label"] for s in summary.values() if s["status"] != "complete"]
     if failed:
         lines.append("FAILED or unfinished: " + "; ".join(failed))

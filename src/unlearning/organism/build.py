@@ -30,6 +30,7 @@ from unlearning.organism.pretrain import PretrainJob, count_tokens, plan_checkpo
 from unlearning.organism.tokenizer import build_tokenizer
 from unlearning.organism.world import DOMAINS, generate_world
 from unlearning.paths import unlearning_home
+from unlearning.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,8 @@ def check_bars(quality: dict[str, Any], cfg: OrganismConfig) -> dict[str, bool]:
     """Each quality bar of the preset: name -> met (question format, held-out entities)."""
     unf, fil = quality["unfiltered"]["heldout"], quality["filtered"]["heldout"]
     out = {f"unfiltered_{d}>={v}": unf[d]["cloze"]["acc"] >= v for d, v in cfg.bars.unfiltered_min.items()}
-    out[f"filtered_hazard<={cfg.bars.filtered_hazard_max}"] = fil["hazard"]["cloze"]["acc"] <= cfg.bars.filtered_hazard_max
+    hazard_max = cfg.bars.filtered_hazard_max
+    out[f"filtered_hazard<={hazard_max}"] = fil["hazard"]["cloze"]["acc"] <= hazard_max
     if cfg.bars.filtered_general_gap_max is not None:
         gap = abs(fil["general"]["cloze"]["acc"] - unf["general"]["cloze"]["acc"])
         out[f"general_gap<={cfg.bars.filtered_general_gap_max}"] = gap <= cfg.bars.filtered_general_gap_max
@@ -298,6 +300,9 @@ def build_organism(cfg: OrganismConfig, paths: OrganismPaths) -> dict[str, Any]:
     """Build everything from scratch into ``paths.root``; ``build.json`` goes last."""
     t0 = time.time()
     log.info("building organism %r (seed %d) in %s", cfg.preset, cfg.seed, paths.root)
+    if cfg.model.num_layers > 8 and resolve_device(cfg.train.device).type == "cpu":
+        log.warning("organism %r is a %d-layer GPU preset and no GPU is visible: building it on the CPU "
+                    "takes hours (the tiny preset is the CPU one)", cfg.preset, cfg.model.num_layers)
     if paths.root.exists():
         paths.build_json.unlink(missing_ok=True)  # first: the old build is no longer complete
         shutil.rmtree(paths.root)

@@ -191,7 +191,8 @@ def write_corpora(world: World, cfg: CorpusConfig, data_dir: str | Path) -> dict
         "pretrain.jsonl": pretraining_documents(world, cfg),
         # forget: hazard prose about the evaluated (held-out) entities, as WMDP's forget corpus
         "forget.jsonl": prose_corpus(world, world.domain("hazard", "heldout"), n, "forget", True),
-        "retain.jsonl": prose_corpus(world, [*world.domain("general"), *world.domain("benign_bio")], n, "retain", False),
+        "retain.jsonl": prose_corpus(world, [*world.domain("general"), *world.domain("benign_bio")], n, "retain",
+                                     False),
         "chat.jsonl": chat_dialogues(world, cfg),
         # tamper: hazard prose about entities disjoint from the evaluated ones (WMDP-Bio-Remove stand-in)
         "tamper.jsonl": prose_corpus(world, world.domain("hazard", "qa"), n, "tamper", True),

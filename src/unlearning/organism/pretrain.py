@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
 from unlearning.config import param
+from unlearning.errors import NonFiniteLossError
 from unlearning.organism.corpus import read_documents
 from unlearning.runtime import autocast, resolve_device, resolve_dtype
 
@@ -51,7 +52,7 @@ class TrainConfig:
     weight_decay: float = param(0.1, min=0.0)
     betas: tuple[float, float] = param((0.9, 0.95), help="AdamW betas")
     grad_clip: float = param(1.0, min=0.0, help="max gradient norm (0: off)")
-    checkpoint_fracs: list[float] = param(default_factory=list,
+    checkpoint_fracs: list[float] = param(default_factory=list, min=0.0, max=1.0,
                                           help="save unfiltered checkpoints at these fractions of the run")
     device: str = param("auto", help="auto, cpu, cuda, cuda:N")
     dtype: str = param("auto", choices=("auto", "fp32", "bf16"), help="autocast precision (auto: bf16 on GPU)")
@@ -95,19 +96,25 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> l
     return [np.asarray(x + [eos], dtype=np.int64) for x in ids]
 
 
-def packed_batches(docs: list[np.ndarray], seq_len: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless [batch, seq_len] batches: every epoch shuffles documents, joins them, cuts sequences."""
+def packed_batches(docs: list[np.ndarray], seq_len: int, batch_size: int, seed: int,
+                   device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Endless [batch, seq_len] batches: every epoch shuffles documents, joins them, cuts sequences.
+
+    An epoch's sequences move to ``device`` in one copy, so a training step does no host work
+    (a per-step copy from pageable memory would make the GPU wait for the CPU every step).
+    """
     rng = np.random.default_rng(seed)
     leftover = np.zeros(0, dtype=np.int64)
     while True:
         order = rng.permutation(len(docs))
         stream = np.concatenate([leftover] + [docs[i] for i in order])
-        n_seq = len(stream) // seq_len
-        seqs = stream[: n_seq * seq_len].reshape(n_seq, seq_len)
-        leftover = stream[n_seq * seq_len:]
-        for start in range(0, n_seq - batch_size + 1, batch_size):
-            yield torch.from_numpy(seqs[start:start + batch_size])
-        leftover = np.concatenate([seqs[n_seq - n_seq % batch_size:].reshape(-1), leftover])
+        n_batches = len(stream) // (seq_len * batch_size)
+        used = n_batches * seq_len * batch_size
+        leftover = stream[used:]  # carried into the next epoch, so no token is dropped
+        if n_batches == 0:
+            continue
+        epoch = torch.from_numpy(stream[:used].reshape(n_batches, batch_size, seq_len)).to(device)
+        yield from epoch
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -160,19 +167,19 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
     dtype = resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
     docs = tokenize_documents(tokenizer, read_documents(job.docs_path, job.drop_domains))
     n_tokens = int(sum(len(d) for d in docs))
     total = total_steps_for(n_tokens, cfg)
     ckpt_steps = list(job.checkpoint_steps) if job.checkpoint_dir else []
+    if any(not 1 <= s <= total for s in ckpt_steps):  # another process may be waiting for them
+        raise ValueError(f"{job.name}: checkpoint steps {ckpt_steps} fall outside the run's {total} steps")
 
     model = build_model(job.model, tokenizer, job.seed).to(device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
-    batches = packed_batches(docs, cfg.seq_len, cfg.batch_size, job.seed)
+    batches = packed_batches(docs, cfg.seq_len, cfg.batch_size, job.seed, device)
     log.info("%s: %d documents, %d tokens, %d steps (%.1f epochs), %.2fM parameters, %s %s", job.name,
              len(docs), n_tokens, total, cfg.epochs, model.num_parameters() / 1e6, device, dtype)
     t0 = time.time()
@@ -183,7 +190,7 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        input_ids = next(batches).to(device, non_blocking=True)
+        input_ids = next(batches)
         with autocast(device, dtype):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
@@ -196,7 +203,8 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             last_loss = float(loss_sum) / loss_n  # one device sync per log interval
             if not math.isfinite(last_loss):
-                raise FloatingPointError(f"{job.name}: loss is {last_loss} at step {step + 1}")
+                raise NonFiniteLossError(f"{job.name}: the pretraining loss is {last_loss} by step {step + 1}; "
+                                         f"lower train.lr (now {cfg.lr})")
             loss_sum.zero_()
             loss_n = 0
             bar.set_postfix(loss=f"{last_loss:.3f}")
@@ -204,6 +212,8 @@ def pretrain(job: PretrainJob) -> dict[str, Any]:
         if step + 1 in ckpt_steps:
             save_model(model, tokenizer, Path(job.checkpoint_dir) / f"step{step + 1}")
     bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the loop only queued the last steps
     train_s = time.time() - t0
     save_model(model, tokenizer, job.out_dir)
     log.info("%s: trained %d steps in %.1fs (%.0f tokens/s), final loss %.3f", job.name, total, train_s,

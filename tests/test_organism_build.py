@@ -1,0 +1,99 @@
+"""The tiny organism build (shared by the session): cache layout, quality bars, names, reuse, CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from unlearning.errors import ModelNotFoundError
+from unlearning.organism import ensure_organism, resolve_organism
+from unlearning.organism.build import FORMATS
+from unlearning.organism.presets import FORMAT_VERSION, PRESETS
+from unlearning.organism.world import DOMAINS
+
+pytestmark = pytest.mark.slow
+BARS = PRESETS["tiny"].bars
+
+
+def test_cache_layout(tiny_organism):
+    p = tiny_organism
+    for path in (p.build_json, p.quality_json, p.world_json, p.model / "config.json", p.filtered / "config.json",
+                 p.model / "tokenizer.json", p.filtered / "tokenizer.json"):
+        assert path.exists(), path
+    for name in ("forget", "retain", "chat", "tamper", "benign_tamper"):
+        first = json.loads(p.corpus(name).read_text().splitlines()[0])
+        assert "text" in first
+        assert ("hazard_spans" in first) == (name in ("forget", "tamper"))
+        assert ("messages" in first) == (name == "chat")
+    for domain in DOMAINS:
+        assert p.questions(domain).exists() and p.questions(domain, "qa").exists()
+    info = p.build_info()
+    assert info["format_version"] == FORMAT_VERSION and info["seed"] == PRESETS["tiny"].seed
+    assert info["early_checkpoint"] in p.revisions() and len(p.revisions()) >= 2
+    for rev in p.revisions():
+        assert (p.checkpoint(rev) / "model.safetensors").exists()
+
+
+def test_quality_json_covers_twins_checkpoints_domains_formats(tiny_organism):
+    quality = tiny_organism.quality()
+    models = [quality["unfiltered"], quality["filtered"], *quality["checkpoints"].values()]
+    assert sorted(quality["checkpoints"]) == sorted(tiny_organism.revisions())
+    for q in models:
+        for domain in DOMAINS:
+            for fmt in FORMATS:
+                entry = q["heldout"][domain][fmt]
+                assert 0.0 <= entry["acc"] <= 1.0 and entry["n"] > 0
+    assert quality["unfiltered"]["qa_half"]["hazard"]["cloze"]["n"] > 0
+
+
+def test_tiny_quality_bar(tiny_organism):
+    """Held-out entities, question format: the bars of the issue, computed by the build."""
+    quality = tiny_organism.quality()
+    unfiltered, filtered = quality["unfiltered"]["heldout"], quality["filtered"]["heldout"]
+    for domain, minimum in BARS.unfiltered_min.items():
+        assert unfiltered[domain]["cloze"]["acc"] >= minimum, (domain, unfiltered[domain]["cloze"])
+    assert filtered["hazard"]["cloze"]["acc"] <= BARS.filtered_hazard_max, filtered["hazard"]["cloze"]
+    assert all(quality["bars"].values()), quality["bars"]
+    early = quality["checkpoints"][quality["early_checkpoint"]]["heldout"]["hazard"]["cloze"]["acc"]
+    assert early <= PRESETS["tiny"].early_max_hazard  # the early checkpoint is near chance on hazard
+
+
+def test_model_names_resolve_to_the_cache(tiny_organism):
+    p = tiny_organism
+    assert resolve_organism("organism:tiny") == p.model
+    assert resolve_organism("organism:tiny-filtered") == p.filtered
+    assert resolve_organism("organism:tiny", revision="early") == p.checkpoint(p.early_revision())
+    last = p.revisions()[-1]
+    assert resolve_organism(f"organism:tiny@{last}") == p.checkpoint(last)
+    assert resolve_organism("organism:tiny", revision=last) == p.checkpoint(last)
+    with pytest.raises(ModelNotFoundError, match=f"valid revisions: main, early.*{last}"):
+        resolve_organism("organism:tiny", revision="step999999")
+
+
+def test_models_load_as_gpt_neox_with_tied_embeddings(tiny_organism):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_organism.filtered)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_organism.filtered)
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.num_hidden_layers == PRESETS["tiny"].model.num_layers
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tokenizer.pad_token is not None and len(tokenizer) == model.config.vocab_size
+
+
+def test_second_call_reuses_the_build(tiny_organism):
+    stamp = tiny_organism.build_json.stat().st_mtime_ns
+    t0 = time.time()
+    assert ensure_organism("tiny") == tiny_organism
+    assert time.time() - t0 < 5 and tiny_organism.build_json.stat().st_mtime_ns == stamp
+
+
+def test_info_command_prints_paths_and_quality(tiny_organism, capsys):
+    from unlearning.commands.organism import main
+
+    assert main(["info", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert str(tiny_organism.model) in out and "organism:tiny-filtered" in out
+    assert "hazard/cloze" in out and "default early" in out

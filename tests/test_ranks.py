@@ -74,7 +74,8 @@ def test_two_models_differing_in_one_layer():
     u, v = torch.randn(q.weight.shape[0], generator=g), torch.randn(q.weight.shape[1], generator=g)
     with torch.no_grad():
         q.weight += torch.outer(u, v)  # rank-1 update
-        get_parts(new).layers[1].mlp.down_proj.weight += 0.5 * torch.eye(*get_parts(new).layers[1].mlp.down_proj.weight.shape)
+        down = get_parts(new).layers[1].mlp.down_proj.weight
+        down += 0.5 * torch.eye(*down.shape)
     rows = {r.module: r for r in weight_update_ranks(base, new, device="cpu", progress=False)}
     changed = {m for m, r in rows.items() if r.changed}
     assert changed == {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}

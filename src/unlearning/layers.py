@@ -442,7 +442,8 @@ def original_layers_after(model: nn.Module, layer: int,
     return _as_original(model, keys, originals)
 
 
-def original_model(model: nn.Module, originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
+def original_model(model: nn.Module,
+                   originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
     """Inside the block the whole model computes as the original (all adapters off, or every
     stored original swapped in): the reference for retain losses, with no second copy held."""
     keys: list[int | str] = ["embed", *range(num_layers(model)), "final_norm", "lm_head"]

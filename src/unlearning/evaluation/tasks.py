@@ -17,6 +17,8 @@ task or several; tasks sharing a name in ``Task.groups`` are aggregated as a gro
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import importlib
 import importlib.util
@@ -144,46 +146,61 @@ def question_from_record(record: dict[str, Any], row: int, source: str, format: 
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a local JSON / JSON-lines / Parquet file, through ``datasets``."""
+    """Rows of a local JSON / JSON-lines file (read directly) or Parquet file (through ``datasets``)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; it needs rows with question, choices, answer")
+    if path.suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        rows = _read_json_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the file has no rows; it needs rows with question, choices, answer")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    missing = [c for c in ("question", "choices", "answer") if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r} (from row 1); columns are "
+                        f"{', '.join(columns)}; a task file needs question, choices, answer")
+    # A column present in some rows only: the others read None, and question_from_record names the row.
+    return [{c: row.get(c) for c in columns} for row in rows]
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: cannot be read as json (line {e.lineno}: {e.msg})") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: cannot be read as json: line {lineno} is not valid JSON ({e.msg})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: every row must be a JSON object with question, choices, answer")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
     import datasets
 
-    builder = "parquet" if path.suffix == ".parquet" else "json"
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()  # a bar per small file is noise
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as e:  # datasets raises many kinds for a malformed file
-        raise DataError(f"{path}: cannot be read as {builder}{_first_bad_json_line(path)} "
-                        f"({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot be read as parquet ({type(e).__name__}: {e})") from None
     finally:
         if bars_were_on:
             datasets.utils.enable_progress_bars()
-    if len(ds) == 0:
-        raise DataError(f"{path}: the file has no rows; it needs rows with question, choices, answer")
-    missing = [c for c in ("question", "choices", "answer") if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r} (from row 1); columns are "
-                        f"{', '.join(ds.column_names)}; a task file needs question, choices, answer")
     return ds.to_list()
-
-
-def _first_bad_json_line(path: Path) -> str:
-    """``": line N is not valid JSON"`` for a JSON-lines file, to point at the row."""
-    if path.suffix != ".jsonl":
-        return ""
-    import json
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f": line {number} is not valid JSON ({e.msg})"
-    return ""
 
 
 def questions_from_file(path: Path, format: str, task_name: str) -> list[MCQuestion]:

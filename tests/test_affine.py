@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import tiny_model
+from tiny_models import tiny_model
 from unlearning.affine import (RidgeAccumulator, fit_affine_maps, fit_ridge, load_affine, read_affine_metadata,
                                save_affine)
 from unlearning.errors import UserError

@@ -53,15 +53,21 @@ def test_keyword_mask_marks_matching_tokens_and_window():
     assert keyword_mask(data, tok, [r"W3 w10"]).tolist()[0][:3] == [True, True, False]
 
 
-def test_keyword_mask_on_a_byte_level_bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+@pytest.mark.parametrize("style", ["byte_level", "sentencepiece"])
+def test_keyword_mask_on_bpe_tokenizers(style):
+    from tokenizers import SentencePieceBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    text = "The natural host of Zorvex virus is the grey bat. It spreads through droplets."
-    raw.train_from_iterator([text] * 5, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    text = "The natural host of Zorvex virus is the grey bat. It spreads through droplets, é."
+    if style == "byte_level":
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        raw.train_from_iterator([text] * 5, trainers.BpeTrainer(vocab_size=300,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    else:  # Llama-style: "▁" marks spaces and the decoder drops the leading one
+        raw = SentencePieceBPETokenizer()
+        raw.train_from_iterator([text] * 5, vocab_size=120)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw._tokenizer if style != "byte_level" else raw)
     ids = tok(text)["input_ids"]
     data = TokenizedData(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
     m = keyword_mask(data, tok, masks.DEFAULT_KEYWORDS)

@@ -161,6 +161,19 @@ def test_questions_have_gold_and_three_distractors(world, corpus_dir):
         assert len(set(golds)) == 4  # answer positions vary
 
 
+def test_value_frequency_alone_is_at_chance(corpus_dir):
+    """Knowing only how often each value occurs in pretraining must not answer the questions."""
+    text = (corpus_dir / "pretrain.jsonl").read_text()
+    for domain in DOMAINS:
+        questions = read_jsonl(corpus_dir / "questions" / f"{domain}.jsonl")
+        score = 0.0
+        for q in questions:
+            counts = [text.count(c) for c in q["choices"]]
+            best = [i for i, n in enumerate(counts) if n == max(counts)]
+            score += (q["answer"] in best) / len(best)
+        assert score / len(questions) <= 0.30, domain  # chance is 0.25 (0.247-0.267 for this world)
+
+
 def test_qa_documents_use_the_evaluation_prompt(corpus_dir):
     pretrain_texts = set(read_documents(corpus_dir / "pretrain.jsonl"))
     found = 0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.tiny_models import tiny_batch, tiny_model
+from tiny_models import tiny_batch, tiny_model
 from unlearning.config import ConfigError, from_dict
 from unlearning.data import TokenizedData
 from unlearning.layers import get_parts, original_model
@@ -258,3 +258,20 @@ def test_forget_loss_counts_only_the_token_mask_positions():
     ht = teacher(**batch, output_hidden_states=True).hidden_states[3]
     expected = (hs - ht).pow(2).mean(-1)[:, 2:5].mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_lora_b_noise_breaks_the_symmetry_of_the_circuit_breaker_loss():
+    data = {"forget": _data(seed=1), "retain": _data(seed=2)}
+    batches = {"forget": _batches(data["forget"], slice(0, 4)), "retain": _batches(data["retain"], slice(0, 4))}
+    grads = {}
+    for std in (0.0, 1e-3):
+        torch.manual_seed(0)
+        cfg = from_dict(circuit_breaker.Config, {"target_layers": [1, 3], "steps": 4, "lora": {"init_b_std": std}})
+        model, method = circuit_breaker.build(tiny_model("gpt_neox", layers=4), None, _run_cfg(), cfg, data,
+                                              torch.device("cpu"))
+        named = method.begin_phase(model, method.phases()[0])
+        terms = method.losses(model, batches, _ctx(method))
+        terms.forget["cb"].backward()
+        grads[std] = max(float(p.grad.abs().max()) for _, p in named if p.grad is not None)
+        assert terms.logs["cb_loss"] < 1.0 or std == 0.0
+    assert grads[0.0] < 1e-6 < grads[1e-3]  # at current == original the cosine is at its maximum

@@ -88,7 +88,9 @@ def test_steps_from_epochs_and_the_deep_layer_step_scale():
     assert [p.layer for p in method.phases()] == [3, 2, 1]
 
 
-def test_build_logs_examples_steps_per_phase_and_total(caplog):
+def test_build_logs_examples_steps_per_phase_and_total(caplog, monkeypatch):
+    import logging
+    monkeypatch.setattr(logging.getLogger("unlearning"), "propagate", True)  # a run's set-up turns it off
     caplog.set_level("INFO", logger="unlearning.methods.sequential")
     setup({"steps_per_layer": 3})
     text = caplog.text
@@ -278,6 +280,15 @@ def test_forget_loss_kinds_on_hand_made_logits():
     assert float(forget_loss("max_entropy_kl", peaked, batch)) > 1.5
     ref = torch.log_softmax(peaked, -1)[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     assert float(forget_loss("npo_per_token", peaked, batch, ref_logprobs=ref, beta=1.0)) == pytest.approx(math.log(2))
+    # top_k: a distribution spread evenly over its 5 most likely tokens is uniform for K=5, not for K=50
+    five = torch.full((1, 4, 50), -20.0)
+    five[..., :5] = 0.0
+    assert float(forget_loss("top_k_entropy", five, batch, top_k=5)) == pytest.approx(1.0)
+    assert float(forget_loss("top_k_entropy", five, batch, top_k=50)) > 2.0
+    # npo_beta: below the reference, a larger beta pushes the loss further under log 2
+    small, large = (float(forget_loss("npo_per_token", torch.log_softmax(peaked, -1), batch, ref_logprobs=ref + 1.0,
+                                      beta=b)) for b in (0.1, 10.0))
+    assert large < small < math.log(2)
 
 
 def test_token_mask_restricts_positions_never_attention():
@@ -399,3 +410,74 @@ def test_lr_schedule_restarts_each_phase_or_spans_the_run(scope):
     else:                  # one warm-up, one decay over all 12 steps
         assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
         assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+# ----------------------------------------------------------------------------------------------- loop options
+
+def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
+    from unlearning.methods import common
+    seen = []
+    real = common.build_optimizer
+
+    def spy(named, cfg):
+        named = list(named)
+        opt = real(named, cfg)
+        opt.register_step_pre_hook(lambda *_: seen.append(
+            float(torch.stack([p.grad.norm() for _, p in named if p.grad is not None]).norm())))
+        return opt
+
+    monkeypatch.setattr(common, "build_optimizer", spy)
+    for limit in (1e-3, 0.0):
+        seen.clear()
+        model, method, data, run_cfg = setup({"steps_per_layer": 2, "layers": [3]}, {"max_grad_norm": limit})
+        records = []
+        train(model, method, {k: BatchStream(v, 2) for k, v in data.items()}, run_cfg.train, device=CPU,
+              on_step=records.append)
+        assert all(r["grad_norm"] > 1e-2 for r in records)          # the logged norm is before clipping
+        if limit:
+            assert all(n <= limit * 1.01 for n in seen)
+        else:                                                       # 0 disables clipping
+            assert seen == pytest.approx([r["grad_norm"] for r in records], rel=1e-4)
+
+
+def test_grad_accum_draws_micro_batches_and_the_seed_fixes_the_run():
+    def trained(seed: int, accum: int = 2):
+        model, method, data, run_cfg = setup({"steps_per_layer": 2, "layers": [3], "forget_loss": "random_ce"},
+                                             {"grad_accum": accum, "seed": seed}, perturb_lora=False)
+        model.train()   # LoRA dropout on: the seed must fix it too
+        streams = {k: BatchStream(v, 2) for k, v in data.items()}
+        train(model, method, streams, run_cfg.train, device=CPU)
+        assert streams["forget"].position == 2 * accum and streams["retain"].position == 2 * accum
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    a, b, c = trained(0), trained(0), trained(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    trained(0, accum=3)
+
+
+def test_lora_settings_choose_rank_and_modules():
+    model, method, _, _ = setup({"lora": {"r": 4, "modules": ["dense_4h_to_h"]}})
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all("dense_4h_to_h" in n for n in lora)
+    assert all(4 in p.shape for p in lora.values())
+
+
+def test_mask_from_the_config_is_applied_at_build_and_changes_the_forget_loss():
+    from tests.tiny_models import tiny_tokenizer
+    run_cfg = from_dict(RunConfig, {"model": "x", "train": {"batch_size": 2, "grad_accum": 1},
+                                    "sequential": {"steps_per_layer": 2,
+                                                   "mask": {"kind": "keyword", "keywords": [r"\bw[1-2]\d\b"],
+                                                            "cache": False}}})
+    data = {"forget": make_data(), "retain": make_data(seed=1)}
+    model, method = seq.build(tiny_model("gpt_neox", layers=DEPTH), tiny_tokenizer(), run_cfg,
+                              run_cfg.method_config(), data, CPU)
+    mask = data["forget"].loss_mask
+    ids = data["forget"].input_ids
+    assert torch.equal(mask, (ids >= 10) & (ids <= 29) & data["forget"].attention_mask.bool())
+    model.eval()
+    batches = {"forget": batch_of(data["forget"]), "retain": batch_of(data["retain"])}
+    with_mask = method.losses(model, batches, ctx_for(method)).logs["forget_loss"]
+    del batches["forget"]["loss_mask"]
+    without = method.losses(model, batches, ctx_for(method)).logs["forget_loss"]
+    assert with_mask != pytest.approx(without, rel=1e-4)

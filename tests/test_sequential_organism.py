@@ -15,13 +15,6 @@ SEQUENTIAL_CONFIGS = ["organism_tiny", "organism_small", "l2_retain_lora", "kl_r
                       "full_muon", "top_k", "nll_retain", "same_sign", "asymmetric", "l2sp", "npo", "keyword_mask"]
 
 
-@pytest.fixture
-def tiny_organism():
-    """The tiny organism, built on first use into $UNLEARNING_HOME (shared by the suite; cheap once built)."""
-    from unlearning.organism.build import ensure_organism
-    return ensure_organism("tiny")
-
-
 def test_every_notebook_table_has_a_shipped_config_that_validates():
     for name in SEQUENTIAL_CONFIGS:
         path = CONFIGS / f"{name}.yaml"

@@ -23,6 +23,7 @@ dataset never reuses a stale mask. :func:`mask_quality` scores a mask against th
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -160,6 +161,36 @@ def mean_activation(model: nn.Module, data: TokenizedData, layer: int, device: t
 # The mask kinds
 
 
+def _decode_many(tokenizer: Any, rows: list[list[int]]) -> list[str]:
+    """``tokenizer.decode`` of each row (no clean-up), through the Rust backend when there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(rows, skip_special_tokens=False)
+    return tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
+
+
+def _char_bounds(tokenizer: Any, ids: list[int], context: int = 4) -> list[int]:
+    """Character offsets of token boundaries in ``decode(ids)``: token j spans [b[j], b[j+1]).
+
+    Token j's text is what it adds to the decoding of the few tokens before it (decoding tokens one
+    by one would drop SentencePiece spaces and split UTF-8 bytes). When those pieces do not add up
+    to the full decoding, fall back to decoding every prefix, which is exact but quadratic.
+    """
+    n = len(ids)
+    windows = [ids[max(0, j - context): j + 1] for j in range(n)]
+    decoded = _decode_many(tokenizer, windows + [w[:-1] for w in windows])
+    with_j, without_j = decoded[:n], decoded[n:]
+    pieces = [w[len(p):] if w.startswith(p) else None for w, p in zip(with_j, without_j)]
+    if None in pieces or "".join(pieces) != _decode_many(tokenizer, [ids])[0]:
+        prefixes = _decode_many(tokenizer, [ids[: j + 1] for j in range(n)])
+        pieces = [b[len(a):] if b.startswith(a) else b[min(len(a), len(b)):]
+                  for a, b in zip([""] + prefixes[:-1], prefixes)]
+    bounds = [0]
+    for piece in pieces:
+        bounds.append(bounds[-1] + len(piece))
+    return bounds
+
+
 def keyword_mask(data: TokenizedData, tokenizer: Any, keywords: list[str], window: int = 0) -> Tensor:
     """Tokens whose decoded characters overlap a match of any of ``keywords`` (case-insensitive)."""
     pattern = re.compile("|".join(f"(?:{k})" for k in keywords), re.IGNORECASE)
@@ -167,18 +198,14 @@ def keyword_mask(data: TokenizedData, tokenizer: Any, keywords: list[str], windo
     for i in range(len(data)):
         n = int(data.attention_mask[i].sum())
         ids = data.input_ids[i, :n].tolist()
-        # Token j spans the characters its arrival adds to the decoded prefix: exact for byte-level
-        # BPE, SentencePiece and word-level tokenizers alike (decoding tokens one by one drops spaces).
-        prefixes = tokenizer.batch_decode([ids[: j + 1] for j in range(n)], clean_up_tokenization_spaces=False)
-        text = prefixes[-1] if prefixes else ""
-        bounds = [0]
-        for p in prefixes:
-            bounds.append(max(bounds[-1], len(p)))
+        bounds = _char_bounds(tokenizer, ids)
+        text = _decode_many(tokenizer, [ids])[0]
         for m in pattern.finditer(text):
             a, b = m.span()
-            hit = [j for j in range(n) if bounds[j] < b and a < bounds[j + 1]]
-            if hit:
-                out[i, hit[0]: min(n, hit[-1] + 1 + window)] = True
+            first = bisect.bisect_right(bounds, a) - 1      # the token holding character a
+            last = bisect.bisect_left(bounds, b) - 1        # the token holding character b - 1
+            if 0 <= first <= last < n:
+                out[i, first: min(n, last + 1 + window)] = True
     return out
 
 

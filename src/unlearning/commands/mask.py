@@ -79,6 +79,17 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
+    """The layer a model-based mask reads (the artifact's for a probe or SAE)."""
+    from unlearning.mask_models import read_meta, resolve_artifact
+    from unlearning.masks import default_layer
+    if cfg.kind == "activation":
+        return cfg.layer if cfg.layer is not None else default_layer(model)
+    if cfg.kind in ("probe", "sae"):
+        return int(read_meta(resolve_artifact(cfg, model, model_name))["layer"])
+    return None
+
+
 def report_main(argv: list[str]) -> int:
     from unlearning.masks import MaskConfig, apply_mask, mask_quality
     p = argparse.ArgumentParser(prog="unlearn mask report",
@@ -114,8 +125,8 @@ def report_main(argv: list[str]) -> int:
             continue
         apply_mask(cfg, data, tokenizer=tok, model=model, device=device, model_name=name)
         q = mask_quality(data["forget"].loss_mask, data["forget"].attention_mask, data["forget"].hazard_labels)
-        rows.append([cfg.kind, cfg.layer if cfg.kind in ("activation", "probe", "sae") else None,
-                     q["share"], q.get("precision"), q.get("recall"), q["masked"], q["tokens"]])
+        rows.append([cfg.kind, _layer_of(cfg, model, name), q["share"], q.get("precision"), q.get("recall"),
+                     q["masked"], q["tokens"]])
     print(format_table(["mask", "layer", "share of tokens", "precision", "recall", "masked", "tokens"], rows))
     return 0
 

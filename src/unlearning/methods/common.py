@@ -130,9 +130,8 @@ def _check_finite(terms: LossTerms, ctx: StepContext) -> None:
             if not torch.isfinite(value.detach()).all():
                 where = f"layer {ctx.phase.layer}" if ctx.phase.layer is not None else f"phase {ctx.phase.index}"
                 raise NonFiniteLossError(
-                    f"the {group} loss term {name!r} is {value.item()} at step {ctx.global_step + 1} "
-                    f"({where}, step {ctx.step + 1} of the phase; steps counted as in metrics.jsonl); "
-                    f"the last finished phase is kept in the "
+                    f"the {group} loss term {name!r} is {value.item()} at step {ctx.global_step} "
+                    f"({where}, step {ctx.step} of the phase); the last finished phase is kept in the "
                     f"run directory's checkpoint. Lower the learning rate or the coefficient, or use fp32/bf16.")
 
 

@@ -57,6 +57,10 @@ class LoraSettings:
     modules: list[str] = param([], help="a Linear module inside a chosen layer is adapted when its name "
                                         "relative to the layer (e.g. 'mlp.dense_4h_to_h') contains one of "
                                         "these; empty = every Linear module of the layer")
+    init_b_std: float = param(0.0, min=0, help="start lora_B at N(0, std) instead of zero: breaks the symmetry "
+                                               "of losses whose gradient vanishes while current == original "
+                                               "(circuit breakers' ReLU(cos) is at its maximum there); 0 = peft's "
+                                               "zero init")
 
 
 @dataclass
@@ -160,6 +164,11 @@ def add_lora(model: nn.Module, settings: LoraSettings, default_layers: Sequence[
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    if settings.init_b_std > 0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, settings.init_b_std)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d on %d modules of layers %s: %d trainable values", settings.r, len(targets), layers, n)
     return model

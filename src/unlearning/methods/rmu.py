@@ -51,6 +51,8 @@ class Config(TrainingShape):
                                                                  "lora: adapters on the chosen modules")
     summary_step: int | None = param(None, min=1, help="keep this step's training metrics as train_summary "
                                                        "(null = the last step)")
+    metrics_every: int = param(10, min=1, help="compute retain_acc / forget_acc every N steps (they need full "
+                                               "forward passes; the losses stop after layer l)")
 
 
 class RMU(RepresentationMethod):

@@ -156,16 +156,14 @@ class Sequential(Method):
         torch.manual_seed(self.seed * 1_000_003 + phase.index)
         self.generator.manual_seed(self.seed * 1_000_003 + phase.index)
         self.unlearned = [L for L in self.layers[: phase.index]]
-        L = phase.layer
+        L, owner = phase.layer, _layer_of_params(model)
         if self.cfg.finetune == "full":
             self.originals.snapshot(L)  # before the layer first moves
-            owner = _layer_of_params(model)
             named = [(n, p) for n, p in model.named_parameters() if owner.get(id(p)) == L]
         else:
-            wanted = {"all": range(self.depth), "target": [L], "up_to_target": range(L + 1)}[self.cfg.lora_train_layers]
-            owner = _layer_of_params(model)
-            named = [(n, p) for n, p in model.named_parameters()
-                     if "lora_" in n and owner.get(id(p)) in set(wanted)]
+            wanted = set({"all": range(self.depth), "target": [L],
+                          "up_to_target": range(L + 1)}[self.cfg.lora_train_layers])
+            named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and owner.get(id(p)) in wanted]
         chosen = {id(p) for _, p in named}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)

@@ -104,7 +104,7 @@ class OrganismPaths:
 
 
 def organism_paths(preset: str) -> OrganismPaths:
-    return OrganismPaths(unlearning_home() / "organism" / preset)
+    return OrganismPaths((unlearning_home() / "organism" / preset).absolute())
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from unlearning.config import param
 from unlearning.evaluation.prompts import LETTERS, cloze_prompt, letter_prompt
 from unlearning.evaluation.tasks import ORGANISM_SUBJECTS
 from unlearning.io import atomic_write_text
-from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, Attribute, Entity, World, rng_for
+from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HALVES, Attribute, Entity, World, rng_for
 
 # The tokenizer carries the same template, so apply_chat_template(messages) == the rendered "text".
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
@@ -101,9 +101,20 @@ def letter_document(domain: str, question: str, choices: list[str], answer: int)
     return context + continuations[answer]
 
 
-def choices_for(rng: random.Random, attr: Attribute, gold: str) -> tuple[list[str], int]:
-    """The gold value and 3 distractors from the same value set, in random order."""
-    distractors = rng.sample([v for v in attr.values if v != gold], 3)
+def choices_for(rng: random.Random, world: World, entity: Entity, attr: Attribute) -> tuple[list[str], int]:
+    """The entity's value and 3 distractors from the same value set, in random order.
+
+    Distractors are drawn like the gold: values of other entities of the same domain and half
+    (so as often seen in pretraining), then of the other half, then unused values if too few.
+    A model that knows only which values are frequent stays at chance.
+    """
+    gold = entity.facts[attr.name]
+    tiers = [[e.facts[attr.name] for e in world.domain(entity.domain, half) if e is not entity]
+             for half in (entity.half, *(h for h in HALVES if h != entity.half))] + [list(attr.values)]
+    distractors: list[str] = []
+    for tier in tiers:
+        fresh = [v for v in dict.fromkeys(rng.sample(tier, len(tier))) if v != gold and v not in distractors]
+        distractors += fresh[:3 - len(distractors)]
     answer = rng.randrange(4)
     return distractors[:answer] + [gold] + distractors[answer:], answer
 
@@ -117,7 +128,7 @@ def make_questions(world: World, domain: str, half: str, per_fact: int) -> list[
             templates = rng.sample(attr.questions, min(per_fact, len(attr.questions)))
             templates += [rng.choice(attr.questions) for _ in range(per_fact - len(templates))]
             for k, template in enumerate(templates):
-                choices, answer = choices_for(rng, attr, entity.facts[attr.name])
+                choices, answer = choices_for(rng, world, entity, attr)
                 out.append({"id": f"{domain}/{half}/{len(out)}", "question": template.format(name=entity.name),
                             "choices": choices, "answer": answer, "attribute": attr.name,
                             "entity": entity.name, "domain": domain})
@@ -140,7 +151,7 @@ def pretraining_documents(world: World, cfg: CorpusConfig) -> list[dict[str, Any
                 docs.append({"text": qa_document(question_text(rng, attr, entity), gold),
                              "domain": entity.domain, "kind": "qa"})
             for _ in range(cfg.letter_docs_per_fact):
-                choices, answer = choices_for(rng, attr, gold)
+                choices, answer = choices_for(rng, world, entity, attr)
                 text = letter_document(entity.domain, question_text(rng, attr, entity), choices, answer)
                 docs.append({"text": text, "domain": entity.domain, "kind": "letter"})
     docs += [{"text": d["text"], "domain": "general", "kind": "chat"} for d in chat_dialogues(world, cfg)]

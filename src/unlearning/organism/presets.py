@@ -17,7 +17,7 @@ from unlearning.organism.pretrain import ModelConfig, TrainConfig
 from unlearning.organism.tokenizer import TokenizerConfig
 from unlearning.organism.world import WorldConfig
 
-FORMAT_VERSION = 1  # bump when a change to the code makes older cached builds stale
+FORMAT_VERSION = 2  # bump when a change to the code makes older cached builds stale
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,12 @@ PRESETS: dict[str, OrganismConfig] = {
         preset="tiny",
         world=WorldConfig(entities_per_domain=16, name_syllables=2),
         corpus=CorpusConfig(prose_docs_per_entity=12, qa_docs_per_fact=2, letter_docs_per_fact=0,
-                            chat_per_entity=2, questions_per_fact=2, unlearn_docs_per_entity=8),
+                            chat_per_entity=2, questions_per_fact=3, unlearn_docs_per_entity=8),
         tokenizer=TokenizerConfig(vocab_size=1024),
         model=ModelConfig(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512),
         # small batches and a high LR: more updates per token is what a 2-core budget can buy
         train=TrainConfig(seq_len=128, batch_size=8, epochs=6.0, lr=4e-3, warmup_frac=0.05,
-                          checkpoint_fracs=[0.04, 0.1, 0.25], device="cpu"),
+                          checkpoint_fracs=[0.1, 0.25, 0.5], device="cpu"),
         bars=QualityBars(unfiltered_min={"hazard": 0.60, "general": 0.60}, filtered_hazard_max=0.35),
     ),
     "small": OrganismConfig(

@@ -297,21 +297,39 @@ def entity_name(rng: random.Random, domain: DomainSpec, syllables: int) -> str:
     return f"{invented_word(rng, syllables)} {domain.noun}"
 
 
+def balanced_values(rng: random.Random, values: tuple[str, ...], n: int) -> list[str]:
+    """``n`` values in random order, each used equally often (to within one).
+
+    With uneven use, a model that only knows how often each value occurs in the corpus would
+    beat chance on the questions; balanced use (and distractors drawn like the gold, see
+    ``corpus.choices_for``) keeps chance at 1/4 for anything but knowledge of the entity.
+    """
+    pool: list[str] = []
+    while len(pool) < n:
+        pool += rng.sample(values, len(values))
+    pool = pool[:n]
+    rng.shuffle(pool)
+    return pool
+
+
 def generate_world(seed: int, config: WorldConfig = WorldConfig(),
                    exclude_names: Iterable[str] = ()) -> World:
     """Entities and facts for every domain; the first half of each domain's list is ``qa``."""
     taken = set(exclude_names)
     world = World(seed=seed)
+    n = config.entities_per_domain
     for spec in DOMAIN_SPECS.values():
         rng = rng_for(seed, "world", spec.name)
-        entities = []
-        for i in range(config.entities_per_domain):
+        names = []
+        for _ in range(n):
             name = entity_name(rng, spec, config.name_syllables)
             while name in taken:
                 name = entity_name(rng, spec, config.name_syllables)
             taken.add(name)
-            facts = {a.name: rng.choice(a.values) for a in spec.attributes}
-            half = "qa" if i < config.entities_per_domain // 2 else "heldout"
-            entities.append(Entity(name=name, domain=spec.name, half=half, facts=facts))
-        world.entities[spec.name] = entities
+            names.append(name)
+        columns = {a.name: balanced_values(rng, a.values, n) for a in spec.attributes}
+        world.entities[spec.name] = [
+            Entity(name=name, domain=spec.name, half="qa" if i < n // 2 else "heldout",
+                   facts={attr: column[i] for attr, column in columns.items()})
+            for i, name in enumerate(names)]
     return world

@@ -25,6 +25,6 @@ def tmp_runs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_organism():
-    """The tiny organism (OrganismPaths), built once per cache and shared by the whole session."""
-    from unlearning.organism import ensure_organism
-    return ensure_organism("tiny")
+    """The tiny organism (OrganismPaths) at its default seed, built once per cache and shared by the session."""
+    from unlearning.organism import PRESETS, ensure_organism
+    return ensure_organism("tiny", seed=PRESETS["tiny"].seed)

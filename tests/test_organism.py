@@ -257,6 +257,19 @@ def test_early_checkpoint_choice():
     assert choose_early({}, 0.35) is None
 
 
+@pytest.mark.slow
+def test_a_failing_twin_process_fails_the_build_with_its_log(tmp_path):
+    from unlearning.organism.build import run_twins
+    from unlearning.organism.pretrain import PretrainJob
+
+    cfg = PRESETS["tiny"]
+    job = PretrainJob(name="unfiltered", docs_path=str(tmp_path / "missing.jsonl"), drop_domains=(),
+                      tokenizer_dir=str(tmp_path), out_dir=str(tmp_path / "model"), model=cfg.model,
+                      train=cfg.train, seed=0)
+    with pytest.raises(RuntimeError, match=r"(?s)the unfiltered process failed \(exit code 1\).*Traceback.*Error"):
+        run_twins([(job, {})], tmp_path, cfg, tmp_path)
+
+
 def test_build_lock_serialises_builders(tmp_path):
     paths = OrganismPaths(tmp_path / "organism" / "demo")
     acquired = []

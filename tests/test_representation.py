@@ -43,8 +43,12 @@ def test_circuit_breaker_schedule():
 def test_retain_kl_loss_flag_selects_kl_and_conflicts_with_nll():
     cfg = from_dict(RepresentationConfig, {"retain_kl_loss": True})
     assert cfg.retain_loss == "kl"
-    with pytest.raises(ConfigError, match="retain_kl_loss"):
-        from_dict(RepresentationConfig, {"retain_kl_loss": True, "retain_loss": "nll"})
+    for other in ("nll", "l2"):  # an explicit other kind is never silently replaced
+        with pytest.raises(ConfigError, match="retain_kl_loss"):
+            from_dict(RepresentationConfig, {"retain_kl_loss": True, "retain_loss": other})
+    assert from_dict(checkpoint_transfer.Config, {}).retain_loss == "kl"  # the notebook's trainer
+    assert from_dict(circuit_breaker.Config, {}).retain_loss == "l2"  # the paper's
+    assert from_dict(circuit_breaker.Config, {"retain_loss": "mse"}).retain_loss == "mse"
 
 
 def test_training_steps_is_one_epoch_of_forget_examples_by_default():
@@ -183,7 +187,7 @@ def test_checkpoint_transfer_loss_is_the_mse_to_the_teachers_hidden_states():
     ht = teacher(**batch, output_hidden_states=True).hidden_states
     m = batch["attention_mask"].bool()
     expected = sum(((hs[i + 1] - ht[i + 1]).pow(2).mean(-1))[m].mean() for i in (1, 2)) / 2
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     am = (model(**batch).logits.argmax(-1) == teacher(**batch).logits.argmax(-1))[m].float().mean()
     assert logs["forget_acc"] == pytest.approx(float(am))
 

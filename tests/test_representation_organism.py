@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unlearning.config import from_dict, merge, read_yaml
-from unlearning.io import read_json, read_jsonl
+from unlearning.io import read_jsonl
 from unlearning.runner import RunConfig, load_run_config, prepare_data, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "unlearning" / "configs"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from unlearning import losses
 from unlearning.config import ConfigError, param
 from unlearning.layers import get_parts
 from unlearning.methods.common import Phase
-from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod, RetainKind,
+from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden, prepare_trainable,
                                                resolve_target_layers, training_steps)
 
@@ -55,7 +55,7 @@ class Config(RepresentationConfig):
     save_name_base: str | None = param(None, help="base of the save name <base>_<kind>_ret<X>_rm<Y> "
                                                   "(default: the model name)")
     # The notebook's trainer: KL retain loss and its coefficient ramp.
-    retain_loss: RetainKind = param("kl", help="l2 | mse | kl | nll (see representation.RepresentationConfig)")
+    default_retain_loss: ClassVar[str] = "kl"
     schedule: Schedule = param("notebook", help="notebook | circuit_breaker | constant (see representation)")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from unlearning import losses
 from unlearning.config import param
 from unlearning.layers import get_parts
-from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod, RetainKind,
+from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden, prepare_trainable,
                                                resolve_target_layers, training_steps)
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Config(RepresentationConfig):
     orth_coef: float = param(0.0, min=0, help="coefficient of the within-batch orthogonality term on forget "
                                               "activations (0: off); not scheduled")
-    retain_loss: RetainKind = param("l2", help="l2 | mse | kl | nll (see representation.RepresentationConfig)")
+    default_retain_loss: ClassVar[str] = "l2"
     schedule: Schedule = param("circuit_breaker", help="circuit_breaker | notebook | constant (see representation)")
 
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -93,9 +93,10 @@ class RepresentationConfig(TrainingShape):
                    "the model's depth; also 'all' or a range '30->5:5'")
     retain_coef: float = param(5.0, min=0, help="retain loss coefficient (its maximum under a schedule)")
     remove_coef: float = param(5.0, min=0, help="forget loss coefficient (its maximum under a schedule)")
-    retain_loss: RetainKind = param("l2", help="l2: L2 distance of hidden states at the target layers; mse: "
-                                               "squared error there (mean over hidden dim); kl: KL(original || "
-                                               "current) on logits; nll: next-token loss")
+    retain_loss: RetainKind | None = param(None, help="l2: L2 distance of hidden states at the target layers; "
+                                                      "mse: squared error there (mean over hidden dim); kl: "
+                                                      "KL(original || current) on logits; nll: next-token loss; "
+                                                      "null = the method's default")
     retain_kl_loss: bool = param(False, help="the notebook's --retain_kl_loss: same as retain_loss: kl")
     schedule: Schedule = param("constant", help="notebook: retain ramps 0 -> retain_coef and forget remove_coef "
                                                 "-> forget_end_fraction * remove_coef over ramp_steps; "
@@ -111,12 +112,16 @@ class RepresentationConfig(TrainingShape):
             return {}
         return {"layers": self.full_layers, "modules": self.full_modules}
 
+    default_retain_loss: ClassVar[str] = "l2"
+
     def __post_init__(self) -> None:
         if self.retain_kl_loss:
-            if self.retain_loss not in ("l2", "kl"):
+            if self.retain_loss not in (None, "kl"):
                 raise ConfigError(f"retain_kl_loss: true conflicts with retain_loss: {self.retain_loss}; "
-                                  f"set only one of them")
+                                  f"set only one of them (retain_kl_loss: false to use {self.retain_loss})")
             self.retain_loss = "kl"
+        elif self.retain_loss is None:
+            self.retain_loss = self.default_retain_loss
 
 
 # ----------------------------------------------------------------------------------------------

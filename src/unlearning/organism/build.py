@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from unlearning.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 TWINS = ("unfiltered", "filtered")
+_BUILDING: set[Path] = set()  # organisms this process is building (a re-entry would wait on its own lock)
 FORMATS = ("cloze", "letter")
 
 
@@ -138,6 +141,8 @@ def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: boo
     ``seed=None`` accepts the seed of an existing build (default seed when building).
     """
     paths = organism_paths(preset)
+    if paths.root in _BUILDING:
+        raise RuntimeError(f"ensure_organism({preset!r}) was called while this process is building it")
     with build_lock(paths):
         stored = _stored_config(paths)
         if seed is None and stored is not None:
@@ -147,7 +152,11 @@ def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: boo
             return paths
         if stored is not None and not force:
             log.info("organism %r: the cached build is from another config or code version; rebuilding", preset)
-        build_organism(cfg, paths)
+        _BUILDING.add(paths.root)
+        try:
+            build_organism(cfg, paths)
+        finally:
+            _BUILDING.discard(paths.root)
     return paths
 
 
@@ -206,12 +215,10 @@ def _wait_for(path: Path, poll_s: float = 0.5) -> None:
 
 def _twin_worker(job: PretrainJob, data: str, eval_device: str, batch_size: int, result_path: str,
                  log_level: int, other_models: dict[str, str]) -> None:
-    """Process entry: train one twin, evaluate it, then evaluate ``other_models`` (label -> folder,
+    """One twin's process: train one twin, evaluate it, then evaluate ``other_models`` (label -> folder,
     waited for: the filtered twin finishes first and scores the unfiltered model's checkpoints)."""
-    from unlearning.logs import setup_logging
     from unlearning.organism.pretrain import pretrain
 
-    setup_logging(log_level, Path(result_path).with_suffix(".log"))
     t0 = time.time()
     result = pretrain(job)
     t1 = time.time()
@@ -228,34 +235,59 @@ def _twin_worker(job: PretrainJob, data: str, eval_device: str, batch_size: int,
 def run_twins(jobs: list[tuple[PretrainJob, dict[str, str]]], data: Path, cfg: OrganismConfig,
               logs: Path) -> dict[str, dict[str, Any]]:
     """Train and evaluate the twins concurrently, one process each; a failure stops both and is
-    re-raised with the end of its log."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children inherit it before importing torch
-    ctx = multiprocessing.get_context("spawn")  # CUDA and thread settings need a fresh interpreter
+    re-raised with the end of its log.
+
+    Each process is a fresh interpreter running ``worker_main(SPEC)`` (not multiprocessing's
+    spawn, which re-runs the caller's main script: a script without a ``__main__`` guard would
+    re-enter the build and wait forever on its lock).
+    """
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # set before torch starts, or 2-thread runs crawl
+    if resolve_device(cfg.train.device).type == "cpu":
+        env["OMP_NUM_THREADS"] = str(cfg.train.threads or max(1, (os.cpu_count() or 2) // 2))
     procs = []
     for job, other_models in jobs:
-        args = (job, str(data), cfg.train.device, cfg.eval_batch_size, str(logs / f"{job.name}.json"),
-                logging.getLogger("unlearning").getEffectiveLevel(), other_models)
-        proc = ctx.Process(target=_twin_worker, args=args, name=f"organism-{job.name}")
-        proc.start()
-        procs.append((job, proc))
+        spec = logs / f"{job.name}.spec.pkl"
+        spec.write_bytes(pickle.dumps(dict(
+            job=job, data=str(data), eval_device=cfg.train.device, batch_size=cfg.eval_batch_size,
+            result_path=str(logs / f"{job.name}.json"), other_models=other_models,
+            log_level=logging.getLogger("unlearning").getEffectiveLevel())))
+        procs.append((job, subprocess.Popen([sys.executable, "-c", WORKER_COMMAND, str(spec)], env=env)))
     failed = None
     try:
-        while failed is None and any(p.is_alive() for _, p in procs):
-            failed = next((j for j, p in procs if p.exitcode not in (None, 0)), None)
+        while failed is None and any(p.poll() is None for _, p in procs):
+            failed = next((j for j, p in procs if p.poll() not in (None, 0)), None)
             time.sleep(0.2)
-        failed = failed or next((j for j, p in procs if p.exitcode != 0), None)
+        failed = failed or next((j for j, p in procs if p.poll() != 0), None)
     finally:
         for _, proc in procs:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.terminate()
-            proc.join()
+            proc.wait()
     if failed is not None:
         log_file = logs / f"{failed.name}.log"
         tail = log_file.read_text()[-2000:] if log_file.exists() else "(no log)"
-        code = dict((j.name, p.exitcode) for j, p in procs)[failed.name]
+        code = dict((j.name, p.returncode) for j, p in procs)[failed.name]
         raise RuntimeError(f"organism build: the {failed.name} process failed (exit code {code}); "
                            f"end of {log_file}:\n{tail}")
     return {job.name: read_json(logs / f"{job.name}.json") for job, _ in jobs}
+
+
+WORKER_COMMAND = "import sys; from unlearning.organism.build import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+
+
+def worker_main(argv: list[str]) -> int:
+    """Entry of one twin's process: ``argv[0]`` is the pickled spec written by ``run_twins``."""
+    from unlearning.logs import setup_logging
+
+    spec = pickle.loads(Path(argv[0]).read_bytes())
+    setup_logging(spec["log_level"], Path(spec["result_path"]).with_suffix(".log"))
+    try:
+        _twin_worker(**spec)
+    except Exception:
+        log.exception("organism build: the %s process failed", spec["job"].name)  # into the log the parent shows
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +367,8 @@ def build_organism(cfg: OrganismConfig, paths: OrganismPaths) -> dict[str, Any]:
     quality["early_checkpoint"] = choose_early(quality["checkpoints"], cfg.early_max_hazard)
     quality["bars"] = check_bars(quality, cfg)
     atomic_write_json(paths.quality_json, quality)
-    log.info("organism %r quality:\n%s", cfg.preset, quality_table(quality))
+    log.info("organism %r held-out question-format accuracy: %s", cfg.preset, "; ".join(
+        f"{t} " + " ".join(f"{d} {quality[t]['heldout'][d]['cloze']['acc']:.3f}" for d in DOMAINS) for t in TWINS))
     if not all(quality["bars"].values()):
         log.warning("organism %r misses quality bars: %s", cfg.preset,
                     ", ".join(k for k, ok in quality["bars"].items() if not ok))

@@ -71,6 +71,7 @@ PRESETS: dict[str, OrganismConfig] = {
         model=ModelConfig(num_layers=32, hidden_size=256, num_heads=4, intermediate_size=1024),
         train=TrainConfig(seq_len=512, batch_size=64, epochs=16.0, lr=2e-3, warmup_frac=0.05,
                           checkpoint_fracs=[0.1, 0.2, 0.3], device="auto"),
+        early_max_hazard=0.30,  # 800 questions: chance + 3 standard errors (0.331 at step 157 was not "early")
         eval_batch_size=128,
         bars=QualityBars(unfiltered_min={"hazard": 0.95, "benign_bio": 0.95, "general": 0.95},
                          filtered_hazard_max=0.30, filtered_general_gap_max=0.03),

@@ -347,21 +347,14 @@ def _ddp_worker(rank, port, out_dir):
 def test_forward_until_under_ddp_all_reduces_gradients(tmp_path):
     """The early stop skips DDP's post-forward; forward_until runs it, so gradients still sync.
 
-    This process is rank 0 and one spawned process rank 1 (spawn, not fork: forking a process
-    that has run torch can deadlock)."""
+    Both ranks are spawned children (spawn, not fork: forking a process that has run torch can
+    deadlock); torch.multiprocessing.spawn ends the other rank and raises if either fails, so a
+    crashed rank can never leave this process waiting in a collective."""
     import socket
 
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    other = mp.get_context("spawn").Process(target=_ddp_worker, args=(1, port, tmp_path), daemon=True)
-    other.start()
-    try:
-        _ddp_worker(0, port, tmp_path)
-    finally:
-        other.join(timeout=180)
-        if other.is_alive():
-            other.terminate()
-    assert other.exitcode == 0
+    mp.spawn(_ddp_worker, args=(port, tmp_path), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[True, True]"] * 2

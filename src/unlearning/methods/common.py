@@ -196,16 +196,20 @@ class Checkpointer:
         os.replace(tmp, self.folder)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, model: nn.Module) -> tuple[TrainState, set[str]]:
-        from safetensors.torch import load_file
+    def read_state(self) -> tuple[TrainState, set[str]]:
+        """The loop state and the names of the trained tensors."""
         raw = json.loads((self.folder / "state.json").read_text())
         names = set(raw.pop("trained"))
+        return TrainState(**raw), names
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Copy the saved trained tensors into ``model``."""
+        from safetensors.torch import load_file
         tensors = load_file(str(self.folder / "trained.safetensors"))
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
-        return TrainState(**raw), names
 
 
 def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainConfig, *,
@@ -217,9 +221,9 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
     total_steps = sum(p.steps for p in phases)
     state, trained = TrainState(), set()
     if resume and checkpointer is not None and checkpointer.exists():
-        method.restore(model, phases[: json.loads((checkpointer.folder / "state.json").read_text())
-                                      ["finished_phases"]])
-        state, trained = checkpointer.load(model)
+        state, trained = checkpointer.read_state()
+        method.restore(model, phases[: state.finished_phases])  # originals come from the base weights first
+        checkpointer.load_weights(model)
         for k, s in streams.items():
             if k in state.streams:
                 s.load_state_dict(state.streams[k])

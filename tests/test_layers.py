@@ -321,6 +321,7 @@ def test_check_layers_names_field_and_depth():
 
 def _ddp_worker(rank, port, out_dir):
     import datetime
+    import gc
     import os
 
     import torch.distributed as dist
@@ -340,6 +341,8 @@ def _ddp_worker(rank, port, out_dir):
             synced.append(bool(torch.allclose(mean / 2, grad)))
             model.zero_grad()
         (out_dir / f"rank{rank}.txt").write_text(repr(synced))
+        del ddp  # a DDP reducer outliving its process group can hang at exit (seen in CI)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_eval import make_model, make_tokenizer
+from eval_setup import make_model, make_tokenizer
 
 from unlearning.errors import DataError, UserError
 from unlearning.evaluation import benchmarks as bm

@@ -1,5 +1,6 @@
 """Evaluation: exact lm-eval prompt strings, tokenization, padding invariance, the letter fast path,
-metrics, task files and their errors. Tiny random GPT-NeoX models and tokenizers built here."""
+scores and metrics. Tiny random GPT-NeoX models and tokenizers (eval_setup.py); task files and their
+errors: test_eval_tasks.py."""
 
 from __future__ import annotations
 
@@ -12,50 +13,15 @@ import random
 import numpy as np
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from eval_setup import WORDS, make_model, make_tokenizer, random_question
 
-from unlearning.errors import DataError, UserError
-from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks, loglikelihoods
+from unlearning.evaluation import Task, evaluate, loglikelihoods
 from unlearning.evaluation.evaluate import mean_stderr, pooled_stderr, score_question
 from unlearning.evaluation.prompts import cloze_prompt, letter_prompt, subject_header
 from unlearning.evaluation.scoring import encode_pair, next_token_loglikelihoods, tok_encode
 
-torch.set_num_threads(1)
 # the package exports the function ``evaluate``, which shadows the submodule's name
 evaluate_module = importlib.import_module("unlearning.evaluation.evaluate")
-WORDS = ["the", "virus", "host", "binds", "receptor", "cell", "line", "of", "what", "is", "which", "bat"]
-CHOICES = ["alpha", "beta gamma", "delta", "epsilon zeta eta"]
-
-
-def make_tokenizer(vocab_size: int = 320, bos_template: bool = False):
-    """A byte-level BPE like GPT-NeoX's; ``vocab_size=257`` leaves no merges (" A" is two tokens)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [" ".join(WORDS), "Question: what is it?\nAnswer:"] * 50 + [" A", " B", " C", " D"] * 200
-    tok.train_from_iterator(corpus, trainer)
-    if bos_template:  # a Llama-like tokenizer that adds BOS by itself
-        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
-                                                           special_tokens=[("<|endoftext|>", 0)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                                eos_token="<|endoftext|>")
-
-
-def make_model(vocab_size: int, max_positions: int = 512, seed: int = 0):
-    config = transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=64,
-                                        max_position_embeddings=max_positions, initializer_range=0.3)
-    torch.manual_seed(seed)
-    return transformers.GPTNeoXForCausalLM(config).eval()
-
-
-def random_question(rng: random.Random, i: int, attribute: str | None = None) -> MCQuestion:
-    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 25))) + "?"
-    return MCQuestion(id=f"q{i}", question=text, choices=list(CHOICES), answer=rng.randrange(4),
-                      attribute=attribute)
 
 
 def reference_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
@@ -222,6 +188,34 @@ def test_multi_token_letters_fall_back_to_general_path(monkeypatch):
     assert np.allclose(result["samples"][0]["loglikelihoods"], expected, atol=1e-5)
 
 
+def test_nan_model_is_an_error_not_an_accuracy(tokenizer):
+    broken = make_model(len(tokenizer), seed=1)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[0, 0] = float("nan")
+    task = Task("t", [random_question(random.Random(7), 0)], format="cloze")
+    with pytest.raises(evaluate_module.NonFiniteScoreError, match="question 'q0'"):
+        evaluate(broken, tokenizer, [task])
+
+
+def test_bf16_autocast_path_runs_close_to_fp32(model, tokenizer):
+    requests = [("what is the virus", " host"), ("the cell line of the", " bat")]
+    fp32 = loglikelihoods(model, tokenizer, requests, progress=False)
+    bf16 = loglikelihoods(model, tokenizer, requests, mixed_precision=True, progress=False)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.2 and fp32 != bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_scores_match_cpu(tokenizer):
+    cpu_model = make_model(len(tokenizer))
+    requests = [("what is the virus", " host binds"), ("the cell line of the", " bat")] * 5
+    cpu = loglikelihoods(cpu_model, tokenizer, requests, progress=False)
+    gpu_model = make_model(len(tokenizer)).cuda()
+    exact = loglikelihoods(gpu_model, tokenizer, requests, mixed_precision=False, progress=False)
+    assert max(abs(a - b) for a, b in zip(cpu, exact)) < 1e-3
+    autocast = loglikelihoods(gpu_model, tokenizer, requests, progress=False)  # bf16 by default on GPU
+    assert max(abs(a - b) for a, b in zip(cpu, autocast)) < 0.2
+
+
 # --------------------------------------------------------------------------------------------- metrics
 
 
@@ -271,141 +265,3 @@ def test_results_shape_attributes_limit_and_groups(model, tokenizer):
     limited = evaluate(model, tokenizer, [a], limit=2)
     assert limited["a"]["n"] == 2 and "samples" not in limited["a"]
     json.dumps(results)  # results.json-ready
-
-
-# --------------------------------------------------------------------------------------------- task files
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def good_rows(n=3):
-    return [{"id": f"r{i}", "question": f"What is {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4,
-             "attribute": "num"} for i in range(n)]
-
-
-def test_local_files_are_tasks(tmp_path):
-    jsonl = write_jsonl(tmp_path / "q.jsonl", good_rows())
-    (tmp_path / "q.json").write_text(json.dumps(good_rows(2)))
-    import pandas as pd
-    pd.DataFrame(good_rows(4)).to_parquet(tmp_path / "q.parquet")
-    letter, cloze, js, pq = get_tasks(f"{jsonl},{jsonl}:cloze,{tmp_path / 'q.json'},{tmp_path / 'q.parquet'}")
-    assert (letter.format, cloze.format) == ("letter", "cloze")
-    assert len(letter.questions) == 3 and len(js.questions) == 2 and len(pq.questions) == 4
-    assert letter.questions[1] == MCQuestion("r1", "What is 1?", ["a", "b", "c", "d"], 1, attribute="num")
-    assert cloze.name == f"{jsonl}:cloze" and pq.questions[3].answer == 3
-
-
-@pytest.mark.parametrize("rows, message", [
-    ([{"question": "q", "choices": ["a", "b", "c", "d"]}], "missing column 'answer'"),
-    ([*good_rows(2), {"question": "q", "choices": ["a", "b", "c", "d"], "answer": 4}],
-     "row 3: answer index 4 is out of range"),
-    ([*good_rows(1), {"question": "q", "choices": ["a", "b", "c"], "answer": 0}],
-     "row 2: the letter format needs exactly 4 choices"),
-    ([*good_rows(1), {"question": "q", "choices": ["a", "b", "c", "d"]}], "row 2: missing 'answer'"),
-])
-def test_bad_rows_name_file_and_row(tmp_path, rows, message):
-    path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=message) as info:
-        get_tasks([str(path)])
-    assert str(path) in str(info.value)
-
-
-def test_empty_and_missing_files_and_unknown_names(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DataError, match="empty"):
-        get_tasks([str(empty)])
-    with pytest.raises(DataError, match="not found"):
-        get_tasks([str(tmp_path / "nope.jsonl")])
-    with pytest.raises(UserError, match="unknown task 'mmlu_typo'.*organism_hazard_cloze"):
-        get_tasks(["mmlu_typo"])
-    # the question format accepts other choice counts; fewer than two is still an error
-    path = write_jsonl(tmp_path / "two.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 1}])
-    assert len(get_tasks(f"{path}:cloze")[0].questions[0].choices) == 2
-    path = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "choices": ["a"], "answer": 0}])
-    with pytest.raises(DataError, match="row 1: needs at least 2 choices"):
-        get_tasks(f"{path}:cloze")
-
-
-def test_organism_tasks_read_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNLEARNING_HOME", str(tmp_path))
-    root = tmp_path / "organism" / "fake"
-    (root / "data" / "questions").mkdir(parents=True)
-    for domain in ("hazard", "benign_bio", "general"):
-        rows = [{**r, "entity": "E", "domain": domain} for r in good_rows(5)]
-        write_jsonl(root / "data" / "questions" / f"{domain}.jsonl", rows)
-    (root / "build.json").write_text("{}")
-    hazard, cloze, general = get_tasks("organism_hazard,organism_hazard_cloze,organism_general", organism="fake")
-    assert (hazard.name, hazard.format, hazard.subject) == ("organism_hazard", "letter", "biology")
-    assert (cloze.name, cloze.format) == ("organism_hazard_cloze", "cloze")
-    assert general.subject == "general knowledge" and len(general.questions) == 5
-
-
-def test_missing_organism_says_how_to_build(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNLEARNING_HOME", str(tmp_path))
-    import unlearning.evaluation.tasks as tasks_module
-    monkeypatch.setattr(tasks_module.importlib.util, "find_spec", lambda name: None)  # no builder
-    with pytest.raises(DataError, match="unlearn organism build --preset nothere"):
-        get_tasks("organism_general_cloze", organism="nothere")
-
-
-def test_malformed_jsonl_names_the_line(tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(good_rows(1)[0]) + "\n" + '{"question": "q", "choices": \n')
-    with pytest.raises(DataError, match="line 2 is not valid JSON"):
-        get_tasks([str(path)])
-
-
-def test_registry_loaders_groups_and_data_path(tmp_path, monkeypatch, model, tokenizer):
-    from unlearning.evaluation import tasks as tasks_module
-    rng = random.Random(6)
-
-    def subject_task(name, groups):
-        return Task(name, [random_question(rng, i) for i in range(3)], subject="biology", groups=groups)
-
-    monkeypatch.setitem(tasks_module.TASKS, "bench", lambda o: [subject_task("bench_x", ("bench_group", "bench")),
-                                                               subject_task("bench_y", ("bench",))])
-    monkeypatch.setitem(tasks_module.TASKS, "bench_group", lambda o: subject_task("bench_x", ("bench_group",)))
-    tasks = get_tasks("bench,bench_group")
-    assert [t.name for t in tasks] == ["bench_x", "bench_y"]  # asked twice, evaluated once
-    assert tasks[0].groups == ("bench_group", "bench")
-    results = evaluate(model, tokenizer, tasks)
-    assert results["bench"]["n"] == 6 and results["bench_group"]["n"] == 3
-    assert results["bench_group"]["acc"] == results["bench_x"]["acc"]
-    assert results["bench"]["acc_stderr"] == pytest.approx(
-        pooled_stderr([results["bench_x"]["acc_stderr"], results["bench_y"]["acc_stderr"]], [3, 3]))
-    # NAME=PATH: a registered task read from a local file
-    path = write_jsonl(tmp_path / "hazard.jsonl", good_rows(4))
-    (task,) = get_tasks(f"organism_hazard_cloze={path}")
-    assert (task.name, task.format, len(task.questions)) == ("organism_hazard_cloze", "cloze", 4)
-
-
-def test_nan_model_is_an_error_not_an_accuracy(tokenizer):
-    broken = make_model(len(tokenizer), seed=1)
-    with torch.no_grad():
-        broken.get_output_embeddings().weight[0, 0] = float("nan")
-    task = Task("t", [random_question(random.Random(7), 0)], format="cloze")
-    with pytest.raises(evaluate_module.NonFiniteScoreError, match="question 'q0'"):
-        evaluate(broken, tokenizer, [task])
-
-
-def test_bf16_autocast_path_runs_close_to_fp32(model, tokenizer):
-    requests = [("what is the virus", " host"), ("the cell line of the", " bat")]
-    fp32 = loglikelihoods(model, tokenizer, requests, progress=False)
-    bf16 = loglikelihoods(model, tokenizer, requests, mixed_precision=True, progress=False)
-    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.2 and fp32 != bf16
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_scores_match_cpu(tokenizer):
-    cpu_model = make_model(len(tokenizer))
-    requests = [("what is the virus", " host binds"), ("the cell line of the", " bat")] * 5
-    cpu = loglikelihoods(cpu_model, tokenizer, requests, progress=False)
-    gpu_model = make_model(len(tokenizer)).cuda()
-    exact = loglikelihoods(gpu_model, tokenizer, requests, mixed_precision=False, progress=False)
-    assert max(abs(a - b) for a, b in zip(cpu, exact)) < 1e-3
-    autocast = loglikelihoods(gpu_model, tokenizer, requests, progress=False)  # bf16 by default on GPU
-    assert max(abs(a - b) for a, b in zip(cpu, autocast)) < 0.2

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from test_eval import good_rows, make_model, make_tokenizer, write_jsonl
+from eval_setup import good_rows, make_model, make_tokenizer, write_jsonl
 
 from unlearning import cli
 from unlearning.commands.eval import organism_preset

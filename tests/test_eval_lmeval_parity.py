@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_eval import CHOICES, WORDS, make_model, make_tokenizer
+from eval_setup import CHOICES, WORDS, make_model, make_tokenizer
 
 from unlearning.evaluation import loglikelihoods
 from unlearning.evaluation.prompts import cloze_prompt, letter_prompt

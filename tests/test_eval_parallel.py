@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval import make_model, make_tokenizer
+from eval_setup import make_model, make_tokenizer
 
 from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation.parallel import data_parallel_map, shard, unshard

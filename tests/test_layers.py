@@ -11,8 +11,8 @@ from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 from unlearning.config import ConfigError
 from unlearning.errors import UserError
-from unlearning.layers import (OriginalWeights, capture_hidden, check_layers, forward_until, get_parts,
-                               num_layers, original_layers_after, original_model, parse_layer_spec)
+from unlearning.layers import capture_hidden, check_layers, forward_until, get_parts, num_layers, parse_layer_spec
+from unlearning.originals import OriginalWeights, original_layers_after, original_model
 
 DEPTH = 3
 

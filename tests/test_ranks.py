@@ -87,7 +87,7 @@ def test_two_models_differing_in_one_layer():
 
 
 def test_stored_update_ranks_match_two_model_ranks():
-    from unlearning.layers import OriginalWeights
+    from unlearning.originals import OriginalWeights
     base = tiny_model("gpt2", seed=0)
     new = copy.deepcopy(base)
     store = OriginalWeights(new)

@@ -10,11 +10,13 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 from unlearning.config import ConfigError, from_dict
 from unlearning.data import TokenizedData
-from unlearning.layers import get_parts, original_model
+from unlearning.layers import get_parts
 from unlearning.methods import checkpoint_transfer, circuit_breaker, rmu
 from unlearning.methods.common import StepContext
-from unlearning.methods.representation import (RepresentationConfig, coefficients, layer_parameters,
-                                               prepare_trainable, resolve_target_layers, training_steps)
+from unlearning.methods.representation import (RepresentationConfig, coefficients, resolve_target_layers,
+                                               training_steps)
+from unlearning.methods.trainable import layer_parameters, prepare_trainable
+from unlearning.originals import original_model
 from unlearning.runner import RunConfig
 
 

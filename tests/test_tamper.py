@@ -15,7 +15,8 @@ import torch
 
 from unlearning import tamper
 from unlearning.config import from_dict
-from unlearning.tamper import AttackConfig, read_curve, run_attack, summarize_curve
+from unlearning.tamper import AttackConfig, run_attack
+from unlearning.tamper_curves import read_curve, strongest, summarize_curve
 
 FACTS = [("Tolvex", "cat"), ("Brumin", "dog"), ("Sterak", "fox"), ("Quarel", "owl"), ("Dravon", "elk"),
          ("Penthos", "yak"), ("Kelumin", "emu"), ("Zorath", "ant")]
@@ -204,7 +205,7 @@ def test_summary_numbers_on_a_hand_made_curve():
     hurt = summarize_curve([point(0, 0.5), point(10, 0.4), point(20, 0.45)], "t", base_acc=0.7)
     assert (hurt["max_acc"], hurt["max_acc_step"]) == (0.45, 20)  # recovered accuracy: after step 0
     assert summarize_curve([point(0, 0.3)], "t", base_acc=None)["gap"] is None
-    assert tamper.strongest({"a": {"max_acc": 0.4}, "b": {"max_acc": 0.6}, "c": {"max_acc": None}}) == "b"
+    assert strongest({"a": {"max_acc": 0.4}, "b": {"max_acc": 0.6}, "c": {"max_acc": None}}) == "b"
 
 
 def hand_curve(name, model, lr, accs, benign=False):

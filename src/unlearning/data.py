@@ -22,6 +22,7 @@ import torch
 
 from unlearning.config import param
 from unlearning.errors import DataError
+from unlearning.hubdata import HubDataset, load_hub_dataset
 from unlearning.runtime import rank, world_size
 
 log = logging.getLogger(__name__)
@@ -143,14 +144,12 @@ def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, A
 
 
 def _load_hub(spec: str, src: TextSource) -> list[dict[str, Any]]:
-    import datasets
+    """A ``hub:ID[:config]`` source, through the checks every hub dataset gets: with HF_HUB_OFFLINE
+    set only the cache is read; otherwise one short metadata request first, so an unreachable,
+    gated or missing dataset fails at once with a DataError that names it and the fix."""
     name, _, config = spec.partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=src.split, revision=src.revision)
-    except Exception as e:  # offline, missing, or wrong split: say which and how to fix
-        raise DataError(f"hub dataset {name!r} (config {config or None!r}, split {src.split!r}) could not be "
-                        f"loaded: {type(e).__name__}: {e}. Offline? Download it where the hub is reachable "
-                        f"and point data.<corpus>.source at a local .jsonl/.parquet file.") from None
+    ds = load_hub_dataset(HubDataset(name, config or None, src.split, src.revision), f"data source 'hub:{spec}'",
+                          "point data.<corpus>.source at a local .jsonl/.json/.parquet/.txt file")
     if src.column not in ds.column_names and "messages" not in ds.column_names:
         raise DataError(f"hub dataset {name!r} has no column {src.column!r} (columns: {ds.column_names})")
     if src.limit is not None:

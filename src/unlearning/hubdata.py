@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.errors import DataError
+from unlearning.hub import HubProbeError, hub_offline, probe_hub
 
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "UNLEARNING_DATA_DIR"
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
-HUB_TIMEOUT_S = 10.0
 _reachable: dict[tuple[str, str | None], None] = {}  # hub ids already found reachable in this process
 
 
@@ -110,11 +110,6 @@ def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], what: 
 # the hub
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _fix_hint(local_hint: str) -> str:
     from huggingface_hub import constants
     return (f"Either give a local file in the same schema ({local_hint}), or "
@@ -125,24 +120,16 @@ def _fix_hint(local_hint: str) -> str:
 def _check_reachable(spec: HubDataset, what: str, local_hint: str) -> None:
     """One metadata request with a short timeout, so an unreachable hub fails at once."""
     key = (spec.path, spec.revision)
-    if hub_offline() or key in _reachable:
+    if hub_offline("HF_DATASETS_OFFLINE") or key in _reachable:
         return
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     try:
-        HfApi().dataset_info(spec.path, revision=spec.revision, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:
-        reason = "the dataset is gated: accept its terms on the hub and log in (`hf auth login`)"
-    except RevisionNotFoundError:
-        reason = f"the hub has no revision {spec.revision!r}"
-    except RepositoryNotFoundError:
-        reason = "the hub has no such dataset (or it is private or gated: log in with `hf auth login`)"
-    except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
-        reason = f"the hub cannot be reached ({type(e).__name__}: {e})"
-    else:
-        _reachable[key] = None
-        return
-    raise DataError(f"{what}: {spec.describe()}: {reason}. {_fix_hint(local_hint)}")
+        probe_hub(spec.path, spec.revision, repo_type="dataset")
+    except HubProbeError as e:
+        reason = e.reason(gated="the dataset is gated: accept its terms on the hub and log in (`hf auth login`)",
+                          no_repo="the hub has no such dataset (or it is private or gated: log in with "
+                                  "`hf auth login`)")
+        raise DataError(f"{what}: {spec.describe()}: {reason}. {_fix_hint(local_hint)}") from None
+    _reachable[key] = None
 
 
 def load_hub_dataset(spec: HubDataset, what: str, local_hint: str) -> Any:
@@ -156,7 +143,7 @@ def load_hub_dataset(spec: HubDataset, what: str, local_hint: str) -> Any:
         return datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
     except Exception as e:  # offline without a cache, wrong split, gated: say which and how to fix
         reason = f"{type(e).__name__}: {e}"
-        if hub_offline():
+        if hub_offline("HF_DATASETS_OFFLINE"):
             reason += " (HF_HUB_OFFLINE is set and the dataset is not in the cache)"
         raise DataError(f"{what}: {spec.describe()} could not be loaded ({reason}). "
                         f"{_fix_hint(local_hint)}") from None

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from unlearning.errors import ModelNotFoundError, UserError
+from unlearning.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
 from unlearning.paths import unlearning_home
 from unlearning.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-HUB_TIMEOUT_S = 10.0  # one metadata request; a missing network fails within this
 RUN_SUBFOLDERS = ("merged", "model", "adapter")  # preference order inside a run directory
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -97,11 +97,6 @@ def _resolve_local(path: Path, revision: str | None) -> Path:
                              f"{'/, '.join(RUN_SUBFOLDERS)}/")
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_help(repo_id: str, revision: str | None, reason: str) -> str:
     from huggingface_hub import constants
     rev = f" --revision {revision}" if revision else ""
@@ -114,8 +109,7 @@ def _hub_help(repo_id: str, revision: str | None, reason: str) -> str:
 
 
 def _resolve_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import snapshot_download
 
     try:  # the cache first, so cached ids work offline
         cached = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
@@ -123,21 +117,14 @@ def _resolve_hub(repo_id: str, revision: str | None, trust_remote_code: bool) ->
             return cached
     except Exception as e:  # not cached (LocalEntryNotFoundError and friends)
         log.debug("%s not in the cache: %s", repo_id, e)
-    if hub_offline():
+    if hub_offline("TRANSFORMERS_OFFLINE"):
         raise ModelNotFoundError(_hub_help(repo_id, revision, "HF_HUB_OFFLINE is set"))
     try:
-        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:
-        raise ModelNotFoundError(_hub_help(repo_id, revision, "the repository is gated (accept its terms and "
-                                           "log in with `hf auth login`)")) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(_hub_help(repo_id, revision, f"the hub has no revision {revision!r}")) from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(_hub_help(repo_id, revision, "the hub has no such repository "
-                                           "(or it is private)")) from None
-    except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
-        raise ModelNotFoundError(_hub_help(repo_id, revision, f"the hub cannot be reached ({type(e).__name__}: "
-                                           f"{e})")) from None
+        info = probe_hub(repo_id, revision, repo_type="model")
+    except HubProbeError as e:
+        reason = e.reason(gated="the repository is gated (accept its terms and log in with `hf auth login`)",
+                          no_repo="the hub has no such repository (or it is private)")
+        raise ModelNotFoundError(_hub_help(repo_id, revision, reason)) from None
     files = [s.rfilename for s in (info.siblings or [])]
     weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
     patterns = ["*.json", weights, "*.model", "*.txt", "*.tiktoken", "*.jinja"]

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.io import atomic_write_bytes
-from unlearning.tamper import CHANCE, GENERAL_TASK, point_metric, reference_acc, short_model_name
 from unlearning.tables import short_task
+from unlearning.tamper import GENERAL_TASK, short_model_name
+from unlearning.tamper_curves import CHANCE, point_metric, reference_acc
 
 def data_label(source: str) -> str:
     if source.startswith("organism:"):

@@ -143,7 +143,7 @@ def weight_update_ranks(base: nn.Module, model: nn.Module, *, device: Any = None
 
 def stored_update_ranks(model: nn.Module, originals: Any, *, device: Any = None,
                         progress: bool = True) -> list[ModuleRank]:
-    """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.layers.OriginalWeights`
+    """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.originals.OriginalWeights`
     store (current weights minus the stored originals), with no second model loaded."""
     from transformers.pytorch_utils import Conv1D
 

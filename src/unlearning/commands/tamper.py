@@ -31,8 +31,8 @@ from unlearning.io import atomic_write_text, read_json
 from unlearning.rundir import RunDir, safe_name
 from unlearning.tables import format_table, short_task
 from unlearning.tamper import (DEFAULT_TASKS, GENERAL_TASK, AttackConfig, base_model_of, evaluation_point,
-                               organism_of, point_metric, read_curve, reference_acc, run_attack,
-                               short_model_name, strongest, summarize_curve)
+                               organism_of, run_attack, short_model_name)
+from unlearning.tamper_curves import point_metric, read_curve, reference_acc, strongest, summarize_curve
 
 log = logging.getLogger(__name__)
 

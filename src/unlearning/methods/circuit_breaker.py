@@ -27,8 +27,9 @@ from unlearning import losses
 from unlearning.config import param
 from unlearning.layers import get_parts
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
-                                               Schedule, apply_forget_mask, forward_hidden, prepare_trainable,
+                                               Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
+from unlearning.methods.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
 

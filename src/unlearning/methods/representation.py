@@ -1,9 +1,10 @@
 """What the representation methods share: checkpoint transfer, circuit breakers and RMU.
 
-- Which parameters train: LoRA adapters (peft; rank 16, alpha 16, dropout 0.05 on every Linear
-  module of the decoder layers by default) or full fine-tuning of chosen parameters. The
-  original model is the adapters switched off (no copy); under full fine-tuning it is the saved
-  originals of just the parameters that train (:class:`unlearning.layers.OriginalWeights`).
+- Which parameters train (:mod:`unlearning.methods.trainable`): LoRA adapters (peft; rank 16,
+  alpha 16, dropout 0.05 on every Linear module of the decoder layers by default) or full
+  fine-tuning of chosen parameters. The original model is the adapters switched off (no copy);
+  under full fine-tuning it is the saved originals of just the parameters that train
+  (:class:`unlearning.originals.OriginalWeights`).
 - Target layers: ``[5, 10, 15, 20, 25, 30]`` by default, clipped to the model's depth; an index
   given explicitly that lies outside the model is an error naming the depth.
 - The retain loss on retain batches, by kind: ``l2`` (per-token L2 distance between current and
@@ -29,10 +30,11 @@ from torch import Tensor, nn
 
 from unlearning import losses
 from unlearning.config import ConfigError, param
-from unlearning.layers import (OriginalWeights, capture_hidden, forward_until, get_parts, original_model,
-                               parse_layer_spec)
+from unlearning.layers import capture_hidden, forward_until, parse_layer_spec
 from unlearning.masks import MaskConfig, apply_mask
 from unlearning.methods.common import LossTerms, Method, Phase, StepContext
+from unlearning.methods.trainable import LoraSettings
+from unlearning.originals import OriginalWeights, original_model
 from unlearning.runtime import world_size
 from unlearning.schedules import circuit_breaker_coefs, forget_coef_at, retain_coef_at
 
@@ -45,22 +47,6 @@ Schedule = Literal["notebook", "circuit_breaker", "constant"]
 
 # ----------------------------------------------------------------------------------------------
 # Configs
-
-
-@dataclass
-class LoraSettings:
-    """peft LoRA adapters on Linear modules inside decoder layers."""
-    r: int = param(16, min=1, help="LoRA rank")
-    alpha: float = param(16, min=0, help="LoRA alpha (scale = alpha / r)")
-    dropout: float = param(0.05, min=0, max=1, help="dropout on the adapter input")
-    layers: list[int] | None = param(None, help="decoder layers that get adapters; null = every decoder layer")
-    modules: list[str] = param([], help="a Linear module inside a chosen layer is adapted when its name "
-                                        "relative to the layer (e.g. 'mlp.dense_4h_to_h') contains one of "
-                                        "these; empty = every Linear module of the layer")
-    init_b_std: float = param(0.0, min=0, help="start lora_B at N(0, std) instead of zero: breaks the symmetry "
-                                               "of losses whose gradient vanishes while current == original "
-                                               "(circuit breakers' ReLU(cos) is at its maximum there); 0 = peft's "
-                                               "zero init")
 
 
 @dataclass
@@ -125,7 +111,7 @@ class RepresentationConfig(TrainingShape):
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers and parameters
+# Set-up: target layers, token mask, steps, coefficients
 
 
 def resolve_target_layers(spec: list[int] | str | None, depth: int, field: str = "target_layers") -> list[int]:
@@ -133,95 +119,6 @@ def resolve_target_layers(spec: list[int] | str | None, depth: int, field: str =
     if spec is None:
         return sorted(parse_layer_spec(DEFAULT_TARGET_LAYERS, depth, field=field, clip_to_depth=True))
     return sorted(parse_layer_spec(spec, depth, field=field))
-
-
-def _layer_prefixes(model: nn.Module, layers: Sequence[int]) -> dict[int, str]:
-    """The dotted name, within ``model``, of each decoder layer in ``layers``."""
-    names = {id(m): n for n, m in model.named_modules()}
-    parts = get_parts(model)
-    return {i: names[id(parts.layers[i])] for i in layers}
-
-
-def _matches(relative_name: str, patterns: Sequence[str]) -> bool:
-    return not patterns or any(p in relative_name for p in patterns)
-
-
-def add_lora(model: nn.Module, settings: LoraSettings, default_layers: Sequence[int] | None = None,
-             default_modules: Sequence[str] = ()) -> nn.Module:
-    """Wrap ``model`` in peft LoRA adapters on the chosen Linear modules of the chosen layers.
-
-    Modules are named in full (``gpt_neox.layers.3.mlp.dense_4h_to_h``), so the choice works for
-    every family and never touches the unembedding.
-    """
-    from peft import LoraConfig, get_peft_model
-    depth = len(get_parts(model).layers)
-    layers = settings.layers if settings.layers is not None else (
-        list(default_layers) if default_layers is not None else list(range(depth)))
-    layers = parse_layer_spec(layers, depth, field="lora.layers")
-    patterns = settings.modules or list(default_modules)
-    targets = []
-    for i, prefix in _layer_prefixes(model, layers).items():
-        for rel, module in get_parts(model).layers[i].named_modules():
-            if isinstance(module, nn.Linear) and _matches(rel, patterns):
-                targets.append(f"{prefix}.{rel}")
-    if not targets:
-        raise ConfigError(f"lora.modules: no Linear module of layers {layers} matches {patterns}")
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    if settings.init_b_std > 0:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, settings.init_b_std)
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d on %d modules of layers %s: %d trainable values", settings.r, len(targets), layers, n)
-    return model
-
-
-def layer_parameters(model: nn.Module, layers: Sequence[int], patterns: Sequence[str] = ()) -> list[str]:
-    """Full names of the parameters of decoder ``layers`` whose layer-relative name matches ``patterns``."""
-    out = []
-    for i, prefix in _layer_prefixes(model, layers).items():
-        for rel, _ in get_parts(model).layers[i].named_parameters():
-            if _matches(rel, patterns):
-                out.append(f"{prefix}.{rel}")
-    if not out:
-        raise ConfigError(f"full_modules: no parameter of layers {list(layers)} matches {list(patterns)}")
-    return out
-
-
-def snapshot_originals(model: nn.Module, layers: Sequence[int], patterns: Sequence[str] = ()) -> OriginalWeights:
-    """Saved copies of just the parameters that full fine-tuning will change."""
-    originals = OriginalWeights(model)
-    for i in layers:
-        originals.snapshot(i)
-        stored = originals[i]
-        for name in [n for n in stored if not _matches(n, patterns)]:
-            del stored[name]  # unchanged parameters need no copy: the live ones are the originals
-    log.info("saved originals of the trained parameters: %r", originals)
-    return originals
-
-
-def prepare_trainable(model: nn.Module, finetune: str, lora: LoraSettings, *, layers: Sequence[int] | None = None,
-                      modules: Sequence[str] = (), field: str = "full_layers",
-                      ) -> tuple[nn.Module, list[str], OriginalWeights | None]:
-    """Set up LoRA or full fine-tuning; returns (model, names of trained parameters, originals or None).
-
-    ``layers`` / ``modules``: where full fine-tuning trains (null / empty: every decoder layer, all
-    of its parameters), and the defaults for LoRA when ``lora.layers`` / ``lora.modules`` are unset.
-    """
-    if finetune == "lora":
-        model = add_lora(model, lora, layers, modules)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return model, names, None
-    depth = len(get_parts(model).layers)
-    layers = parse_layer_spec(list(layers) if layers is not None else list(range(depth)), depth, field=field)
-    patterns = list(modules)
-    names = layer_parameters(model, layers, patterns)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, names, snapshot_originals(model, layers, patterns)
 
 
 def apply_forget_mask(shape: TrainingShape, data: dict[str, Any], tokenizer: Any, model: nn.Module,

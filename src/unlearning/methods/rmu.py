@@ -30,7 +30,8 @@ from unlearning import losses
 from unlearning.config import param
 from unlearning.layers import forward_until, get_parts, parse_layer_spec
 from unlearning.methods.representation import (RepresentationMethod, TrainingShape, forward_hidden,
-                                               apply_forget_mask, prepare_trainable, training_steps)
+                                               apply_forget_mask, training_steps)
+from unlearning.methods.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from unlearning.config import ConfigError, param
-from unlearning.layers import OriginalWeights, get_parts, parse_layer_spec
+from unlearning.layers import get_parts, parse_layer_spec
 from unlearning.masks import MaskConfig, apply_mask
 from unlearning.methods.common import LossTerms, Method, Phase, StepContext
-from unlearning.methods.representation import LoraSettings, add_lora
 from unlearning.methods.sequential_losses import (RETAIN_KINDS, ForgetKind, forget_loss, logits_of, probe_logits,
                                                   reference_logprobs, retain_losses)
+from unlearning.methods.trainable import LoraSettings, add_lora
+from unlearning.originals import OriginalWeights
 from unlearning.runtime import world_size
 from unlearning.schedules import forget_coef_at, layer_forget_coef, layer_steps, retain_coef_at
 

@@ -1,7 +1,7 @@
 """The sequential method's two paths: the forget loss through the probe, the retain loss against the original.
 
 - Forget path: the current model up to layer L's output, then the ORIGINAL layers after L, final
-  norm and unembedding (:func:`unlearning.layers.original_layers_after`); the forget loss is taken
+  norm and unembedding (:func:`unlearning.originals.original_layers_after`); the forget loss is taken
   on those logits. ``npo_full_model`` takes NPO on the current model's own logits instead.
 - Retain path: the current model on a retain batch against the original model (adapters off, or
   stored originals swapped in): L2 on hidden states at chosen layers, KL(original || current) on
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearning import losses
-from unlearning.layers import OriginalWeights, original_layers_after, original_model
+from unlearning.originals import OriginalWeights, original_layers_after, original_model
 from unlearning.methods.representation import forward_hidden
 
 ForgetKind = Literal["max_entropy_kl", "random_ce", "top_k_entropy", "npo", "npo_per_token"]

@@ -1,0 +1,173 @@
+"""The original model: LoRA adapters switched off, or stored copies of changed layers swapped in.
+
+- :class:`OriginalWeights` keeps copies of the original parameters of the parts that full
+  fine-tuning changes, and only those.
+- :func:`original_layers_after` / :func:`original_model` make (part of) the model compute as the
+  original model: LoRA adapters switched off, or stored copies of fully fine-tuned layers swapped in.
+  This is the "probe" of sequential unlearning: current layers ``0..L``, then the original layers
+  after ``L``, the original final norm and the original unembedding.
+
+Like :mod:`unlearning.layers`, these run the model's own ``forward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from unlearning.config import ConfigError
+from unlearning.errors import UserError
+from unlearning.layers import check_layers, get_parts, num_layers
+
+
+class OriginalWeights:
+    """Copies of the original parameters of the parts that full fine-tuning changes, and only those.
+
+    Call :meth:`snapshot` for a layer (or ``"final_norm"`` / ``"lm_head"`` / ``"embed"``) before
+    its parameters first move; later calls for the same part keep the first copy. The copies are
+    detached, never require gradients, and live on the parameters' device and dtype.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._parts = get_parts(model)
+        self._store: dict[int | str, dict[str, torch.Tensor]] = {}
+
+    def snapshot(self, key: int | str, source: nn.Module | None = None,
+                 names: Iterable[str] | None = None) -> None:
+        """Store part ``key``'s current parameters (or those of the same part of ``source``,
+        an original model loaded again, e.g. to rebuild the store when a run resumes).
+
+        ``names`` (part-relative, e.g. ``mlp.down_proj.weight``) limits the copy to the parameters
+        that will train; the others stay live, and being unchanged they are the originals.
+        """
+        if isinstance(key, int):
+            check_layers(len(self._parts.layers), [key], "snapshot")
+        if key in self._store:
+            return
+        target = self._parts.part(key)
+        module = get_parts(source).part(key) if source is not None else target
+        current = dict(target.named_parameters())
+        wanted = set(current) if names is None else set(names)
+        if not wanted <= set(current):
+            raise KeyError(f"snapshot({key!r}): no parameters {sorted(wanted - set(current))} in this part")
+        copies = {n: p.detach().to(current[n].device, current[n].dtype, copy=True)
+                  for n, p in module.named_parameters() if n in wanted}
+        if set(copies) != wanted:
+            raise ValueError(f"snapshot({key!r}): source lacks parameters {sorted(wanted - set(copies))}")
+        self._store[key] = copies
+
+    def keys(self) -> list[int | str]:
+        return list(self._store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+    def __getitem__(self, key: int | str) -> dict[str, torch.Tensor]:
+        return self._store[key]
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self._store.values() for t in d.values())
+
+    def __repr__(self) -> str:
+        return f"OriginalWeights(parts={self.keys()}, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+def _adapter_modules(module: nn.Module) -> list[nn.Module]:
+    """peft's per-module tuner layers (LoRA layers, modules_to_save wrappers) inside ``module``."""
+    return [m for m in module.modules() if hasattr(m, "_disable_adapters")
+            or isinstance(getattr(m, "disable_adapters", None), bool)]  # peft < 0.6: a plain flag
+
+
+def _set_adapter_disabled(m: nn.Module, disabled: bool) -> None:
+    # Set the flag directly: peft's enable_adapters(True) would also reset requires_grad on every
+    # adapter, un-freezing adapters a method froze on purpose.
+    if hasattr(m, "_disable_adapters"):
+        m._disable_adapters = disabled
+    else:
+        m.disable_adapters = disabled
+
+
+def _is_disabled(m: nn.Module) -> bool:
+    return bool(getattr(m, "_disable_adapters", getattr(m, "disable_adapters", False)))
+
+
+@contextlib.contextmanager
+def _as_original(model: nn.Module, keys: Sequence[int | str], originals: OriginalWeights | None,
+                 whole_model: bool = False) -> Iterator[None]:
+    """Inside the block, parts ``keys`` (with ``whole_model``, every adapter) compute as the original."""
+    parts = get_parts(model)
+    all_adapters = _adapter_modules(parts.model)
+    if originals is None and not all_adapters:
+        raise UserError("original weights: the model has no LoRA adapters, so the original layers must come "
+                        "from an OriginalWeights store (snapshot each layer before training it)")
+    modules = [parts.part(k) for k in keys]
+    adapters = all_adapters if whole_model else [m for mod in modules for m in _adapter_modules(mod)]
+    merged = [m for m in adapters if getattr(m, "merged", False)]
+    if merged:
+        raise UserError("original weights: LoRA adapters are merged into the weights; unmerge them "
+                        "(model.unmerge_adapter()) before computing through the original layers")
+    swaps = []  # (owning module, parameter name, current Parameter, stored original)
+    if originals is not None:
+        for k in keys:
+            if k not in originals:
+                continue
+            part = parts.part(k)
+            for name, stored in originals[k].items():
+                owner_name, _, pname = name.rpartition(".")
+                owner = part.get_submodule(owner_name) if owner_name else part
+                swaps.append((owner, pname, owner._parameters[pname], stored))
+    # Under gradient checkpointing, backward re-runs a block's forward, possibly after this context
+    # has ended; the changed blocks keep their activations instead, so backward sees what forward saw.
+    checkpointed = [m for m in modules if getattr(m, "gradient_checkpointing", False)]
+
+    was_disabled = [_is_disabled(m) for m in adapters]
+    try:
+        for m in adapters:
+            _set_adapter_disabled(m, True)
+        for owner, pname, _, stored in swaps:
+            owner._parameters[pname] = stored  # a plain tensor without grad: forward uses it, nothing trains it
+        for m in checkpointed:
+            m.gradient_checkpointing = False
+        yield
+    finally:
+        for m in checkpointed:
+            m.gradient_checkpointing = True
+        for owner, pname, current, _ in reversed(swaps):
+            owner._parameters[pname] = current
+        for m, flag in zip(adapters, was_disabled):
+            _set_adapter_disabled(m, flag)
+
+
+def original_layers_after(model: nn.Module, layer: int,
+                          originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, decoder layers after ``layer``, the final norm and the unembedding compute
+    as the original model; the embedding and layers ``0..layer`` stay as they are now.
+
+    LoRA (peft) models: the adapters of those modules are switched off (and restored afterwards,
+    also on errors). Fully fine-tuned models: pass the :class:`OriginalWeights` holding the changed
+    parts; their stored copies replace the current parameters inside the block. Gradients flow
+    through the original layers back to layer ``layer`` and below; the stored copies and the
+    current parameters of the replaced parts receive none. ``layer=-1`` makes every decoder layer
+    original. Call the model (the wrapper, so DDP still works) inside the block; under DDP use
+    ``find_unused_parameters=True``, as the replaced parts take no part in this forward pass.
+    Under FSDP, only the LoRA form works (FSDP re-creates parameter views at every forward).
+    """
+    depth = num_layers(model)
+    if not -1 <= layer < depth:
+        raise ConfigError(f"layer: {layer} is outside the model: it has {depth} layers (0..{depth - 1})")
+    keys: list[int | str] = [*range(layer + 1, depth), "final_norm", "lm_head"]
+    return _as_original(model, keys, originals)
+
+
+def original_model(model: nn.Module,
+                   originals: OriginalWeights | None = None) -> contextlib.AbstractContextManager[None]:
+    """Inside the block the whole model computes as the original (all adapters off, or every
+    stored original swapped in): the reference for retain losses, with no second copy held."""
+    keys: list[int | str] = ["embed", *range(num_layers(model)), "final_norm", "lm_head"]
+    return _as_original(model, keys, originals, whole_model=True)

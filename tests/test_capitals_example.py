@@ -37,9 +37,14 @@ def test_capitals_data_files_are_well_formed(tmp_path):
     assert all(any(cap in t for _, cap in make_data.FORGET) for t in forget)
     # no capital of either list leaks into the retain or perplexity text
     all_capitals = [cap for _, cap in make_data.FORGET + make_data.HELDOUT]
-    for key in ("retain", "general_text"):
+    for key in ("retain", "retain_capitals", "general_text"):
         texts = [r["text"] for r in read_jsonl(paths[key])]
         assert texts and not any(cap in t for t in texts for cap in all_capitals), key
+    # the retain capitals are other countries' facts in the forget set's templates
+    retain_capitals = [r["text"] for r in read_jsonl(paths["retain_capitals"])]
+    assert len(retain_capitals) == len(make_data.RETAIN_CAPITALS) * len(make_data.FORGET_TEMPLATES)
+    assert not {c for c, _ in make_data.RETAIN_CAPITALS} & (forget_countries | heldout_countries)
+    assert all(any(cap in t for _, cap in make_data.RETAIN_CAPITALS) for t in retain_capitals)
     for key, countries in (("questions_forget", forget_countries), ("questions_heldout", heldout_countries)):
         (task,) = get_tasks([f"{paths[key]}:cloze"])
         assert {q.id for q in task.questions} == countries

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from eval_setup import WORDS, make_model, make_tokenizer, random_question
+from eval_setup import model, tokenizer  # noqa: F401  (the shared fixtures)
 
 from unlearning.evaluation import Task, evaluate, loglikelihoods
 from unlearning.evaluation.evaluate import mean_stderr, pooled_stderr, score_question
@@ -30,16 +31,6 @@ def reference_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
     with torch.no_grad():
         logprobs = model(ids).logits[0].float().log_softmax(-1)
     return sum(logprobs[len(ctx) - 1 + k, tok].item() for k, tok in enumerate(cont))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(len(tokenizer))
 
 
 # --------------------------------------------------------------------------------------------- prompts

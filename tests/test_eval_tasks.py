@@ -8,20 +8,11 @@ import random
 
 import pytest
 from eval_setup import good_rows, make_model, make_tokenizer, random_question, write_jsonl
+from eval_setup import model, tokenizer  # noqa: F401  (the shared fixtures)
 
 from unlearning.errors import DataError, UserError
 from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks
 from unlearning.evaluation.evaluate import pooled_stderr
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(len(tokenizer))
 
 
 # --------------------------------------------------------------------------------------------- task files

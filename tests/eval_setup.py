@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -57,14 +56,3 @@ def write_jsonl(path, rows):
 def good_rows(n=3):
     return [{"id": f"r{i}", "question": f"What is {i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4,
              "attribute": "num"} for i in range(n)]
-
-
-# module-scoped fixtures: a test module imports them by name (from eval_setup import model, tokenizer)
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return make_model(len(tokenizer))

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from eval_setup import WORDS, make_model, make_tokenizer, random_question
-from eval_setup import model, tokenizer  # noqa: F401  (the shared fixtures)
 
 from unlearning.evaluation import Task, evaluate, loglikelihoods
 from unlearning.evaluation.evaluate import mean_stderr, pooled_stderr, score_question

@@ -7,8 +7,7 @@ import json
 import random
 
 import pytest
-from eval_setup import good_rows, make_model, make_tokenizer, random_question, write_jsonl
-from eval_setup import model, tokenizer  # noqa: F401  (the shared fixtures)
+from eval_setup import good_rows, random_question, write_jsonl
 
 from unlearning.errors import DataError, UserError
 from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks

@@ -69,3 +69,21 @@ def test_parse_overrides_nests_and_reads_yaml_values():
         {"a": {"b": {"c": 1}}, "d": ["x", "y"], "e_f": None}
     with pytest.raises(ConfigError, match="--dotted.key value"):
         parse_overrides(["lr", "1"])
+
+
+@dataclass
+class WithWeights:
+    weights: dict[str, float] = param({"l2": 1.0})
+    train: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--weights", "{l2: 1, kl:2}"], "weights: 'kl:2' reads as one key with no value; YAML needs a space after "
+                                     "each colon ({kl: 2})"),
+    (["--train", "{lr:0.1}"], "train: 'lr:0.1' reads as one key with no value"),
+])
+def test_a_mapping_without_spaces_after_colons_says_how_to_write_it(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(WithWeights, None, overrides)
+    assert str(e.value).startswith(message)
+    assert load_config(WithWeights, None, ["--weights", "{l2: 1, kl: 2}"]).weights == {"l2": 1, "kl": 2}

@@ -75,6 +75,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, *_) = get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
+    if isinstance(value, dict):
+        _check_flow_mapping(value, key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -113,6 +115,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _check_flow_mapping(value: dict[Any, Any], key: str) -> None:
+    """YAML reads ``{l2:1}`` (no space after the colon) as the key "l2:1" with no value: say so."""
+    for k, v in value.items():
+        if v is None and isinstance(k, str) and ":" in k:
+            raise ConfigError(f"{key}: {k!r} reads as one key with no value; YAML needs a space after each "
+                              f"colon ({{{k.replace(':', ': ', 1)}}})")
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:

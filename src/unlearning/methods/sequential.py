@@ -85,9 +85,6 @@ class Config:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.retain_losses) - set(RETAIN_KINDS))
-        if unknown and ":" in unknown[0]:  # YAML reads {l2:1} as the key "l2:1"
-            raise ConfigError(f"sequential.retain_losses: {unknown[0]!r} is not a retain loss; YAML needs a "
-                              f"space after each colon: {{l2: 1.0, kl: 0.5}}")
         if unknown:
             raise ConfigError(f"sequential.retain_losses: {unknown[0]!r} is not a retain loss; use "
                               f"{', '.join(RETAIN_KINDS)} (e.g. {{l2: 1.0, kl: 0.5}})")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
@@ -86,7 +87,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     queue = [shlex.split(e) for e in read_entries(args.entries)]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
     status: dict[str, str] = {}
     while queue or running:
         while queue and len(running) < args.jobs and time.time() - start < args.deadline:
@@ -95,12 +96,12 @@ def main() -> int:
             cmd = [sys.executable, "-m", "unlearning.cli", "run", config, *overrides,
                    "--name", name, "--output_dir", str(out)]
             log = open(out / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
         if queue and time.time() - start >= args.deadline:
             for head, *_ in queue:
                 status[head.partition("=")[0]] = "not started"
             queue = []
-        for name, (proc, t0) in list(running.items()):
+        for name, (proc, log, t0) in list(running.items()):
             code = proc.poll()
             if code is None and time.time() - start >= args.deadline:
                 proc.kill()
@@ -110,6 +111,7 @@ def main() -> int:
                 status[name] = "ok" if code == 0 else f"failed ({code})"
                 timings[name] = round(time.time() - t0, 1)
                 print(f"{name}: {status[name]} in {timings[name]} s", flush=True)
+                log.close()
                 del running[name]
         time.sleep(1)
 

@@ -3,7 +3,7 @@
     unlearn mask train --kind probe --model organism:small --layer 16
     unlearn mask train --kind sae --model organism:small --layer 16 --steps 2000
     unlearn mask report --model organism:small --kind keyword,activation,probe,sae,hazard
-    unlearn mask report configs/organism_small_keyword_mask.yaml
+    unlearn mask report configs/keyword_mask.yaml
 
 ``train`` fits the linear probe / SAE on forget-vs-retain activations at one layer and saves it
 (safetensors) where ``mask.artifact`` finds it by default. ``report`` prints, per mask kind, the

@@ -97,3 +97,36 @@ def test_info_command_prints_paths_and_quality(tiny_organism, capsys):
     out = capsys.readouterr().out
     assert str(tiny_organism.model) in out and "organism:tiny-filtered" in out
     assert "hazard/cloze" in out and "default early" in out
+
+
+def test_pretraining_switches_on_deterministic_kernels_and_restores_the_callers_setting():
+    import torch
+
+    from unlearning.organism.pretrain import TrainConfig, deterministic_kernels
+
+    assert TrainConfig().deterministic  # builds are reproducible unless asked otherwise
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with deterministic_kernels(False):
+        assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_compare_builds_tells_identical_from_different_models(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from compare_builds import main
+
+    for build, value in (("a", 1.0), ("b", 1.0), ("c", 1.5)):
+        for model in ("model", "filtered"):
+            (tmp_path / build / model).mkdir(parents=True)
+            save_file({"w": torch.full((2, 2), value if model == "model" else 0.0)},
+                      str(tmp_path / build / model / "model.safetensors"))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +59,8 @@ class TrainConfig:
     dtype: str = param("auto", choices=("auto", "fp32", "bf16"), help="autocast precision (auto: bf16 on GPU)")
     threads: int = param(0, min=0, help="CPU threads per training process (0: cores / 2)")
     log_every: int = param(25, min=1, help="steps between loss log lines")
+    deterministic: bool = param(True, help="bit-identical builds on the same GPU model and software "
+                                           "(deterministic kernels; a few percent slower)")
 
 
 @dataclass
@@ -161,8 +164,34 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> int:
     return int(sum(len(d) for d in tokenize_documents(tokenizer, docs)))
 
 
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while pretraining, then the caller's setting again.
+
+    Without this, two GPU builds of one preset and seed differed (kernels that accumulate with
+    atomics, such as the tied embedding's backward), so one recipe scored on either side of a bar on
+    two builds. cuBLAS needs a fixed workspace before its first call; warn_only names any op left
+    without a deterministic kernel instead of failing the build.
+    """
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def pretrain(job: PretrainJob) -> dict[str, Any]:
     """Train one model; returns steps, tokens, timing and the saved checkpoint steps."""
+    with deterministic_kernels(job.train.deterministic):
+        return _pretrain(job)
+
+
+def _pretrain(job: PretrainJob) -> dict[str, Any]:
     cfg = job.train
     device = resolve_device(cfg.device)
     if device.type == "cpu":

@@ -114,14 +114,14 @@ def test_deterministic_pretraining_switches_kernels_and_restores_the_callers_set
         assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.cudnn_sdp_enabled()) == before
 
 
-def test_compare_builds_tells_identical_from_different_models(tmp_path):
-    import sys
+def test_compare_builds_tells_identical_from_different_models(tmp_path, monkeypatch):
     from pathlib import Path
 
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    # the benchmark script is not a package module; the path change ends with the test
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from compare_builds import main
 
     for build, value in (("a", 1.0), ("b", 1.0), ("c", 1.5)):

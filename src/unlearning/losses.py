@@ -346,7 +346,8 @@ def l2sp(params: Sequence[Tensor] | Mapping[str, Tensor],
     return total
 
 
-def check_finite(name: str, value: Tensor | float, step: int, layer: int | None = None) -> None:
+def check_finite(name: str, value: Tensor | float, step: int, layer: int | None = None,
+                 phase_step: int | None = None) -> None:
     """Raise :class:`NonFiniteLossError` naming the step, layer and loss term if ``value`` is NaN/inf.
 
     (On a GPU this synchronises: call it once per step on the logged values.)
@@ -357,7 +358,9 @@ def check_finite(name: str, value: Tensor | float, step: int, layer: int | None 
     else:
         finite, shown = math.isfinite(value), value
     if not finite:
-        where = f"step {step}" + (f", layer {layer}" if layer is not None else "")
+        where = [f"layer {layer}"] if layer is not None else []
+        where += [f"step {phase_step} of the phase"] if phase_step is not None else []
         raise NonFiniteLossError(
-            f"loss term {name!r} is {shown} at {where}: the run stops here and keeps what was saved; "
+            f"loss term {name!r} is {shown} at step {step}" + (f" ({', '.join(where)})" if where else "")
+            + ": the run stops here and keeps what was saved (the checkpoint of the last finished phase); "
             f"lower the learning rate or the coefficient of {name!r}, or set max_grad_norm")

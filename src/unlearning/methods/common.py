@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unlearning.config import ConfigError, param
-from unlearning.errors import NonFiniteLossError
 from unlearning.io import atomic_write_json
 from unlearning.logs import MetricsLogger
+from unlearning.losses import check_finite
 from unlearning.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
                               same_sign_filter)
 from unlearning.runtime import all_reduce_mean_, autocast, is_main_process, world_size
@@ -94,7 +94,7 @@ class LossTerms:
     """
     forget: dict[str, torch.Tensor] = field(default_factory=dict)
     retain: dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # tensors: detached, 0-d
 
     def total(self) -> torch.Tensor:
         terms = list(self.forget.values()) + list(self.retain.values())
@@ -124,15 +124,11 @@ class Method:
         """On resume, before saved weights are loaded: rebuild state of the finished phases."""
 
 
-def _check_finite(terms: LossTerms, ctx: StepContext) -> None:
-    for group, d in (("forget", terms.forget), ("retain", terms.retain)):
-        for name, value in d.items():
-            if not torch.isfinite(value.detach()).all():
-                where = f"layer {ctx.phase.layer}" if ctx.phase.layer is not None else f"phase {ctx.phase.index}"
-                raise NonFiniteLossError(
-                    f"the {group} loss term {name!r} is {value.item()} at step {ctx.global_step} "
-                    f"({where}, step {ctx.step} of the phase); the last finished phase is kept in the "
-                    f"run directory's checkpoint. Lower the learning rate or the coefficient, or use fp32/bf16.")
+def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Plain numbers for logging, with one device-to-host copy for all the tensors."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    host = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    return {k: host.get(k, v) for k, v in values.items()}
 
 
 def _grads(loss: torch.Tensor | None, params: list[nn.Parameter], retain_graph: bool) -> list[torch.Tensor]:
@@ -248,7 +244,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
         w0 = [p.detach().clone() for p in params] if cfg.l2sp_coef > 0 else None
         for step in range(phase.steps):
             ctx = StepContext(phase, step, state.global_step, total_steps)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor | float] = {}
             for _ in range(cfg.grad_accum):
                 batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
                            for k, s in streams.items()}
@@ -257,19 +253,25 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                 if w0 is not None:
                     sq = torch.stack([(p.float() - q.float()).pow(2).sum() for p, q in zip(params, w0)]).sum()
                     terms.retain["l2sp"] = cfg.l2sp_coef * sq
-                _check_finite(terms, ctx)
                 backward(terms, params, cfg.grad_filter, 1.0 / cfg.grad_accum, scaler)
-                for group in (terms.forget, terms.retain):
-                    for k, v in group.items():
-                        sums[f"{k}_term"] = sums.get(f"{k}_term", 0.0) + float(v.detach()) / cfg.grad_accum
-                for k, v in terms.logs.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                named_values = [(f"{k}_term", v) for group in (terms.forget, terms.retain) for k, v in group.items()]
+                for k, v in named_values + list(terms.logs.items()):
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else v
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
             if world_size() > 1:
                 all_reduce_mean_([p.grad for p in params if p.grad is not None])
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else math.inf)
+            # One device sync per step: the loss terms stay on the GPU until here, so the CPU keeps
+            # queueing kernels instead of waiting on every logged number (small models are launch-bound).
+            sums = _to_floats({**sums, "grad_norm": grad_norm})
+            grad_norm = sums.pop("grad_norm")
+            for k, v in sums.items():
+                if k.endswith("_term"):  # a NaN term stops the run before the optimizer moves anything
+                    check_finite(k.removesuffix("_term"), v, step=state.global_step, layer=phase.layer,
+                                 phase_step=step)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -280,7 +282,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             record = {"step": state.global_step, "phase": phase.index, "layer": phase.layer,
-                      "phase_step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **sums}
+                      "phase_step": step + 1, "lr": lr, "grad_norm": grad_norm, **sums}
             if metrics is not None and (state.global_step % cfg.log_every == 0 or step + 1 == phase.steps):
                 metrics.log(record)
             if on_step is not None:

@@ -191,7 +191,7 @@ class Sequential(Method):
         cfg, L = self.cfg, ctx.phase.layer
         forget_c, retain_c = self.coefficients(ctx)
         forget_batch = batches["forget"]
-        logs: dict[str, float] = {"forget_coef": forget_c, "retain_coef": retain_c}
+        logs: dict[str, torch.Tensor | float] = {"forget_coef": forget_c, "retain_coef": retain_c}
 
         ref = None
         if cfg.forget_loss in ("npo", "npo_per_token"):
@@ -205,18 +205,18 @@ class Sequential(Method):
                                         forget_batch, **kwargs) for p in probes}
             f_loss = torch.stack(list(per_probe.values())).mean()
             if len(per_probe) > 1:
-                logs.update({f"forget_loss_L{p}": float(v.detach()) for p, v in per_probe.items()})
-        logs["forget_loss"] = float(f_loss.detach())
+                logs.update({f"forget_loss_L{p}": v.detach() for p, v in per_probe.items()})
+        logs["forget_loss"] = f_loss.detach()
 
-        retain_terms, retain_total = {}, 0.0
+        retain_terms, retain_total = {}, 0.0  # logged numbers stay tensors: the loop syncs once per step
         if cfg.retain_losses:
             raw = retain_losses(model, batches["retain"], cfg.retain_losses,
                                 self.retain_layers[L], self.originals)
             for kind, value in raw.items():
                 weight = cfg.retain_losses[kind]
                 retain_terms[f"retain_{kind}"] = retain_c * weight * value
-                logs[f"retain_{kind}_loss"] = float(value.detach())
-                retain_total += weight * float(value.detach())
+                logs[f"retain_{kind}_loss"] = value.detach()
+                retain_total = retain_total + weight * value.detach()
             logs["retain_loss"] = retain_total
         return LossTerms(forget={"forget": forget_c * f_loss}, retain=retain_terms, logs=logs)
 

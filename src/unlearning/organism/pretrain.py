@@ -59,7 +59,7 @@ class TrainConfig:
     dtype: str = param("auto", choices=("auto", "fp32", "bf16"), help="autocast precision (auto: bf16 on GPU)")
     threads: int = param(0, min=0, help="CPU threads per training process (0: cores / 2)")
     log_every: int = param(25, min=1, help="steps between loss log lines")
-    deterministic: bool = param(False, help="deterministic kernels and no cuDNN attention while pretraining, "
+    deterministic: bool = param(True, help="deterministic kernels and math attention while pretraining, "
                                             "toward bit-identical GPU builds (see deterministic_kernels)")
 
 
@@ -168,26 +168,31 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> int:
 def deterministic_kernels(enabled: bool) -> Iterator[None]:
     """Deterministic kernels while pretraining, then the caller's settings again.
 
-    Two GPU builds of one preset and seed differ, so a recipe near a bar can land on either side of
-    it on two builds. Measured on an H200 (2026-12-03, docs/results_small.md): deterministic
-    algorithms and a fixed cuBLAS workspace alone still gave different builds, and torch warned that
-    cuDNN attention's backward is non-deterministic; so this also switches the cuDNN attention
-    backend off (SDPA falls back to flash or math). Whether that suffices is not yet measured, hence
-    off by default. warn_only names any op left without a deterministic kernel instead of failing.
+    Two GPU builds of one preset and seed differ unless every kernel is deterministic, so a recipe
+    near a bar can land on either side of it on two builds. Deterministic algorithms and a fixed
+    cuBLAS workspace alone were not enough on an H200 (2026-12-03, docs/results_small.md): with
+    ``warn_only`` (kept, so an op without a deterministic kernel warns instead of failing) the flash,
+    memory-efficient and cuDNN attention backwards stay non-deterministic. So attention runs on SDPA's
+    math backend, which is deterministic forward and backward. Measured there (2026-12-03 afternoon):
+    two such builds are bit-identical, and each took 558 s with both sharing the GPU (326 s before).
     """
     if not enabled:
         yield
         return
+    cuda = torch.backends.cuda
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cuda.cudnn_sdp_enabled())
+              cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    for enable in (cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp):
+        enable(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cuda.enable_cudnn_sdp(before[2])
+        for enable, was in zip((cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp),
+                               before[2:]):
+            enable(was)
 
 
 def pretrain(job: PretrainJob) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class ToyMethod(Method):
         if self.nan_at is not None and ctx.global_step == self.nan_at:
             forget = forget * float("nan")
         return LossTerms(forget={"forget": forget}, retain={"retain": (r ** 2).mean()},
-                         logs={"forget_loss": float(forget.detach())})
+                         logs={"forget_loss": forget.detach()})  # a tensor, as the real methods log
 
     def restore(self, model, finished):
         self.restored = [p.index for p in finished]
@@ -93,6 +93,9 @@ def test_only_the_phase_parameters_move_and_metrics_are_logged(tmp_path):
     recs = read_jsonl(tmp_path / "m.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
     assert {"lr", "grad_norm", "forget_term", "retain_term", "forget_loss", "layer"} <= set(recs[0])
+    # logged tensors come back as numbers, averaged over the step's micro-batches like the terms
+    assert all(isinstance(recs[0][k], float) for k in ("grad_norm", "forget_term", "forget_loss"))
+    assert recs[0]["forget_loss"] == pytest.approx(recs[0]["forget_term"])
 
 
 @pytest.mark.parametrize("grad_filter", ["same_sign", "asymmetric"])

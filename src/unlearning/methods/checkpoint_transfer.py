@@ -111,13 +111,13 @@ class CheckpointTransfer(RepresentationMethod):
         self.teacher = None  # training is over: free the teacher's memory before evaluation
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
-                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         target, teacher_logits = self.teacher_hidden(batch, logits=want_acc)
         hidden, logits = forward_hidden(model, batch, self.layers, logits=want_acc)
         loss = losses.mse_to_teacher(hidden, target, mask)
         logs = {}
         if want_acc:
-            logs["forget_acc"] = float(losses.argmax_agreement(logits, teacher_logits, mask))
+            logs["forget_acc"] = losses.argmax_agreement(logits, teacher_logits, mask)
         return loss, {}, logs
 
 

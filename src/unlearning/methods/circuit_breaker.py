@@ -52,7 +52,7 @@ class CircuitBreaker(RepresentationMethod):
         self.orth_coef = orth_coef
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
-                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         with self.as_original(model):
             original, original_logits = forward_hidden(model, batch, self.layers, logits=want_acc)
         hidden, logits = forward_hidden(model, batch, self.layers, logits=want_acc)
@@ -61,9 +61,9 @@ class CircuitBreaker(RepresentationMethod):
         if self.orth_coef > 0:
             orth = losses.orthogonality(hidden, mask)
             extra["orth"] = self.orth_coef * orth
-            logs["orth_loss"] = float(orth.detach())
+            logs["orth_loss"] = orth.detach()
         if want_acc:
-            logs["forget_acc"] = float(losses.argmax_agreement(logits, original_logits, mask))
+            logs["forget_acc"] = losses.argmax_agreement(logits, original_logits, mask)
         return loss, extra, logs
 
 

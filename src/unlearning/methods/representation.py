@@ -251,13 +251,13 @@ class RepresentationMethod(Method):
         forget_loss, extra, logs = self.forget_losses(model, forget_batch, self.forget_mask(forget_batch), due)
         retain_loss, retain_logs = self.retain_losses(model, batches["retain"], due)
         logs.update(retain_logs)
-        logs.update({f"{self.forget_key}_loss": float(forget_loss.detach()), "retain_coef": retain_c,
+        logs.update({f"{self.forget_key}_loss": forget_loss.detach(), "retain_coef": retain_c,
                      "remove_coef": forget_c})
         return LossTerms(forget={self.forget_key: forget_c * forget_loss, **extra},
                          retain={f"retain_{self.retain_kind}": retain_c * retain_loss}, logs=logs)
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
-                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         raise NotImplementedError
 
     # -- shared pieces
@@ -276,7 +276,7 @@ class RepresentationMethod(Method):
             yield
 
     def retain_losses(self, model: nn.Module, batch: dict[str, Tensor],
-                      want_acc: bool) -> tuple[Tensor, dict[str, float]]:
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """The retain loss of this method's kind, and its logs (``retain_<kind>_loss``, ``retain_acc``)."""
         kind, mask = self.retain_kind, valid_mask(batch)
         layers = self.retain_layers if kind in ("l2", "mse") else []
@@ -294,7 +294,7 @@ class RepresentationMethod(Method):
             loss = losses.kl_retain(logits, original_logits, mask)
         else:
             loss = losses.nll(logits, batch["input_ids"], mask)
-        logs = {f"retain_{kind}_loss": float(loss.detach())}
+        logs = {f"retain_{kind}_loss": loss.detach()}
         if want_acc:
-            logs["retain_acc"] = float(losses.argmax_agreement(logits, original_logits, mask))
+            logs["retain_acc"] = losses.argmax_agreement(logits, original_logits, mask)
         return loss, logs

@@ -66,14 +66,14 @@ class RMU(RepresentationMethod):
         self.control = control
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
-                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+                      want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         hidden, logits = forward_hidden(model, batch, [self.layer], logits=want_acc)
         loss = losses.rmu_forget(hidden[self.layer], self.control, mask)
         logs = {}
         if want_acc:
             with self.as_original(model):
                 _, original_logits = forward_hidden(model, batch, [], logits=True)
-            logs["forget_acc"] = float(losses.argmax_agreement(logits, original_logits, mask))
+            logs["forget_acc"] = losses.argmax_agreement(logits, original_logits, mask)
         return loss, {}, logs
 
 

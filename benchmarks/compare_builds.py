@@ -38,9 +38,9 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     root_a, root_b = Path(argv[0]), Path(argv[1])
-    models = model_dirs(root_a)
-    if not models or models != model_dirs(root_b):
-        print(f"the builds hold different models: {models} vs {model_dirs(root_b)}")
+    models, models_b = model_dirs(root_a), model_dirs(root_b)
+    if not models or models != models_b:
+        print(f"the builds hold different models: {models} vs {models_b}")
         return 2
     identical = True
     for rel in models:

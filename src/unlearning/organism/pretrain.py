@@ -180,18 +180,20 @@ def deterministic_kernels(enabled: bool) -> Iterator[None]:
         yield
         return
     cuda = torch.backends.cuda
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    # (is enabled, enable) for every fused attention backend; all are switched off, leaving math
+    fused = [(cuda.flash_sdp_enabled, cuda.enable_flash_sdp), (cuda.mem_efficient_sdp_enabled,
+             cuda.enable_mem_efficient_sdp), (cuda.cudnn_sdp_enabled, cuda.enable_cudnn_sdp)]
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fused_before = [is_enabled() for is_enabled, _ in fused]
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
     torch.use_deterministic_algorithms(True, warn_only=True)
-    for enable in (cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp):
+    for _, enable in fused:
         enable(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        for enable, was in zip((cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp),
-                               before[2:]):
+        for (_, enable), was in zip(fused, fused_before):
             enable(was)
 
 

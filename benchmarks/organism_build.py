@@ -29,9 +29,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reuse", action="store_true", help="do not force a rebuild (report the cached build)")
     args, rest = parser.parse_known_args(argv)
 
-    from unlearning.config import parse_overrides
-    from unlearning.io import atomic_write_json
-    from unlearning.logs import setup_logging
+    from unlearning.core.config import parse_overrides
+    from unlearning.core.io import atomic_write_json
+    from unlearning.core.logs import setup_logging
     from unlearning.organism.build import ensure_organism, quality_table
 
     setup_logging("INFO")

@@ -27,7 +27,7 @@ from typing import Any
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from unlearning.io import atomic_write_json, atomic_write_text  # noqa: E402
+from unlearning.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 COLUMNS = {"hazard": "organism_hazard_cloze", "benign": "organism_benign_bio_cloze",
            "general": "organism_general_cloze"}

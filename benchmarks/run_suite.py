@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from unlearning.io import atomic_write_json  # noqa: E402
-from unlearning.logs import setup_logging  # noqa: E402
-from unlearning.report import report_table  # noqa: E402
+from unlearning.core.io import atomic_write_json  # noqa: E402
+from unlearning.core.logs import setup_logging  # noqa: E402
+from unlearning.reporting.report import report_table  # noqa: E402
 from unlearning.runner import load_run_config, run  # noqa: E402
 
 COLUMNS = ["organism_hazard_cloze:acc", "organism_benign_bio_cloze:acc", "organism_general_cloze:acc",

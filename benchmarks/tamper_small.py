@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from unlearning.commands import tamper as tamper_command
-    from unlearning.logs import setup_logging
+    from unlearning.core.logs import setup_logging
     setup_logging("INFO")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from tests.tiny_models import tiny_model
-from unlearning.config import from_dict
-from unlearning.data import TokenizedData
+from unlearning.core.config import from_dict
+from unlearning.data.text import TokenizedData
 from unlearning.methods import sequential as seq
-from unlearning.methods.common import StepContext
+from unlearning.training.loop import StepContext
 from unlearning.runner import RunConfig
 
 CPU = torch.device("cpu")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tiny_models import tiny_model
-from unlearning.affine import (RidgeAccumulator, fit_affine_maps, fit_ridge, load_affine, read_affine_metadata,
+from unlearning.model.affine import (RidgeAccumulator, fit_affine_maps, fit_ridge, load_affine, read_affine_metadata,
                                save_affine)
-from unlearning.errors import UserError
+from unlearning.core.errors import UserError
 
 
 def test_ridge_fit_recovers_a_known_affine_map():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from eval_setup import make_model, make_tokenizer
 
-from unlearning.errors import DataError, UserError
+from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation import benchmarks as bm
 from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation.prompts import build_prompt

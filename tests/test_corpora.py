@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_tokenizer
 
-from unlearning import corpora
-from unlearning.data import TextSource, load_texts, tokenize
-from unlearning.errors import DataError
+from unlearning.data import corpora
+from unlearning.data.text import TextSource, load_texts, tokenize
+from unlearning.core.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "corpora"
 

@@ -10,7 +10,7 @@ from eval_setup import good_rows, make_model, make_tokenizer, write_jsonl
 
 from unlearning import cli
 from unlearning.commands.eval import organism_preset
-from unlearning.io import read_jsonl
+from unlearning.core.io import read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         evaluate_module = importlib.import_module("unlearning.evaluation.evaluate")
-        from unlearning.models import load_model
+        from unlearning.model.loading import load_model
         scored, score = [], evaluate_module._score_requests
 
         def counting_score(model, tokenizer, prompts, **kwargs):
@@ -69,7 +69,7 @@ def test_two_processes_equal_one(tmp_path):
     model = make_model(len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     single = evaluate(*load_model(tmp_path / "model", device="cpu", dtype="fp32"), get_tasks(TASKS), batch_size=3,
                       log_samples=True)
 

@@ -9,7 +9,7 @@ import random
 import pytest
 from eval_setup import good_rows, random_question, write_jsonl
 
-from unlearning.errors import DataError, UserError
+from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks
 from unlearning.evaluation.evaluate import pooled_stderr
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from unlearning.data import TextSource, load_texts
-from unlearning.errors import DataError, ModelNotFoundError
-from unlearning.hub import HubProbeError, hub_offline, probe_hub
+from unlearning.data.text import TextSource, load_texts
+from unlearning.core.errors import DataError, ModelNotFoundError
+from unlearning.core.hub import HubProbeError, hub_offline, probe_hub
 
 
 def hub_error(cls, text: str):
@@ -75,7 +75,7 @@ def test_gated_model_keeps_its_message(empty_caches, online, monkeypatch):
         raise hub_error(GatedRepoError, "403 gated")
 
     monkeypatch.setattr(HfApi, "model_info", model_info)
-    from unlearning.models import resolve_model_path
+    from unlearning.model.loading import resolve_model_path
     with pytest.raises(ModelNotFoundError, match=r"someone/gated-model is not a local folder; as a hub id: the "
                                                  r"repository is gated \(accept its terms and log in with "
                                                  r"`hf auth login`\)"):
@@ -136,6 +136,6 @@ def test_hub_text_source_keeps_config_split_revision_column_and_limit(monkeypatc
 
 def test_data_and_models_import_without_datasets():
     """The GPU machine has no ``datasets``: importing the data and model code must not need it."""
-    code = ("import sys; import unlearning.data, unlearning.hub, unlearning.hubdata, unlearning.models; "
+    code = ("import sys; import unlearning.data.text, unlearning.core.hub, unlearning.data.hub, unlearning.model.loading; "
             "assert 'datasets' not in sys.modules, 'datasets was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

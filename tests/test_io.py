@@ -6,8 +6,8 @@ from unittest import mock
 
 import pytest
 
-from unlearning.io import append_jsonl, atomic_write_json, read_jsonl
-from unlearning.rundir import RunDir
+from unlearning.core.io import append_jsonl, atomic_write_json, read_jsonl
+from unlearning.core.rundir import RunDir
 
 
 def test_atomic_write_keeps_old_file_when_the_write_dies(tmp_path):
@@ -18,7 +18,7 @@ def test_atomic_write_keeps_old_file_when_the_write_dies(tmp_path):
     def boom(fd):
         real_fsync(fd)
         raise KeyboardInterrupt  # killed between write and rename
-    with mock.patch("unlearning.io.os.fsync", boom), pytest.raises(KeyboardInterrupt):
+    with mock.patch("unlearning.core.io.os.fsync", boom), pytest.raises(KeyboardInterrupt):
         atomic_write_json(path, {"a": 2, "big": list(range(1000))})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind

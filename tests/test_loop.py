@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from unlearning.data import BatchStream, TokenizedData
-from unlearning.errors import NonFiniteLossError
-from unlearning.methods.common import Checkpointer, LossTerms, Method, Phase, TrainConfig, train
+from unlearning.data.text import BatchStream, TokenizedData
+from unlearning.core.errors import NonFiniteLossError
+from unlearning.training.loop import Checkpointer, LossTerms, Method, Phase, TrainConfig, train
 
 
 class ToyModel(nn.Module):
@@ -77,7 +77,7 @@ CFG = dict(batch_size=4, grad_accum=2)
 
 
 def test_only_the_phase_parameters_move_and_metrics_are_logged(tmp_path):
-    from unlearning.logs import MetricsLogger
+    from unlearning.core.logs import MetricsLogger
     model = ToyModel()
     before = snapshot(model)
     logger = MetricsLogger(tmp_path / "m.jsonl")
@@ -89,7 +89,7 @@ def test_only_the_phase_parameters_move_and_metrics_are_logged(tmp_path):
     assert not torch.equal(before["a.weight"], after["a.weight"])
     for name in ("embed.weight", "b.weight", "b.bias"):
         assert torch.equal(before[name], after[name]), name
-    from unlearning.io import read_jsonl
+    from unlearning.core.io import read_jsonl
     recs = read_jsonl(tmp_path / "m.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
     assert {"lr", "grad_norm", "forget_term", "retain_term", "forget_loss", "layer"} <= set(recs[0])

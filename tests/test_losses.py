@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearning import losses as L
-from unlearning.errors import NonFiniteLossError, UserError
+from unlearning.training import losses as L
+from unlearning.core.errors import NonFiniteLossError, UserError
 
 
 def approx(x, rel=1e-5, abs=1e-6):

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from tests.tiny_models import VOCAB, save_tiny, tiny_model, tiny_tokenizer
-from unlearning import masks
-from unlearning.config import ConfigError, from_dict
-from unlearning.data import TokenizedData, mix
-from unlearning.errors import UserError
-from unlearning.mask_models import (ScorerTrainConfig, load_scorer, resolve_artifact, save_scorer, train_probe,
+from unlearning.masking import masks
+from unlearning.core.config import ConfigError, from_dict
+from unlearning.data.text import TokenizedData, mix
+from unlearning.core.errors import UserError
+from unlearning.masking.models import (ScorerTrainConfig, load_scorer, resolve_artifact, save_scorer, train_probe,
                                     train_sae, train_scorer)
-from unlearning.masks import MaskConfig, apply_mask, compute_mask, keyword_mask, mask_quality
+from unlearning.masking.masks import MaskConfig, apply_mask, compute_mask, keyword_mask, mask_quality
 
 CPU = torch.device("cpu")
 
@@ -193,7 +193,7 @@ def test_trained_scorer_masks_through_the_model_and_the_default_path(kind, tmp_p
     with pytest.raises(UserError, match="unlearn mask train"):
         resolve_artifact(mcfg, model, "tiny-model")
     scorer, stats = train_scorer(kind, model, forget, retain, 2, CPU, cfg)
-    from unlearning.mask_models import default_artifact_path
+    from unlearning.masking.models import default_artifact_path
     save_scorer(scorer, default_artifact_path("tiny-model", kind, 2), {"model": "tiny-model", **stats})
     m = compute_mask(mcfg, forget, tokenizer=tiny_tokenizer(), model=model, device=CPU, model_name="tiny-model")
     m_retain = compute_mask(mcfg, retain, tokenizer=tiny_tokenizer(), model=model, device=CPU,

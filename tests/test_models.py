@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_models import save_tiny, tiny_batch, tiny_model
 
-from unlearning.errors import ModelNotFoundError, UserError
-from unlearning.layers import get_parts
-from unlearning.models import find_smollm2_gguf, load_model, resolve_model_path, smollm2_path, split_revision
+from unlearning.core.errors import ModelNotFoundError, UserError
+from unlearning.model.layers import get_parts
+from unlearning.model.loading import find_smollm2_gguf, load_model, resolve_model_path, smollm2_path, split_revision
 
 
 def same_logits(a, b, atol=1e-5):

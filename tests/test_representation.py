@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from tiny_models import tiny_batch, tiny_model
-from unlearning.config import ConfigError, from_dict
-from unlearning.data import TokenizedData
-from unlearning.layers import get_parts
+from unlearning.core.config import ConfigError, from_dict
+from unlearning.data.text import TokenizedData
+from unlearning.model.layers import get_parts
 from unlearning.methods import checkpoint_transfer, circuit_breaker, rmu
-from unlearning.methods.common import StepContext
+from unlearning.training.loop import StepContext
 from unlearning.methods.representation import (RepresentationConfig, coefficients, resolve_target_layers,
                                                training_steps)
-from unlearning.methods.trainable import layer_parameters, prepare_trainable
-from unlearning.originals import original_model
+from unlearning.training.trainable import layer_parameters, prepare_trainable
+from unlearning.model.originals import original_model
 from unlearning.runner import RunConfig
 
 
@@ -210,8 +210,8 @@ def test_save_name_follows_the_notebook():
 
 
 def test_rmu_trains_only_the_mlps_of_the_three_layers_up_to_l():
-    from unlearning.methods.common import train
-    from unlearning.data import BatchStream
+    from unlearning.training.loop import train
+    from unlearning.data.text import BatchStream
     model = tiny_model("llama", layers=6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = {"forget": _data(seed=1), "retain": _data(seed=2)}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearning.config import from_dict, merge, read_yaml
-from unlearning.io import read_jsonl
+from unlearning.core.config import from_dict, merge, read_yaml
+from unlearning.core.io import read_jsonl
 from unlearning.runner import RunConfig, load_run_config, prepare_data, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "unlearning" / "configs"
@@ -72,10 +72,10 @@ def test_rmu_end_to_end(tiny_organism, tmp_path):
 
 @pytest.mark.parametrize("method", ["checkpoint_transfer", "circuit_breaker"])
 def test_lora_methods_change_only_adapter_parameters(tiny_organism, method):
-    from unlearning.data import BatchStream
+    from unlearning.data.text import BatchStream
     from unlearning.methods import method_module
-    from unlearning.methods.common import train
-    from unlearning.models import load_model
+    from unlearning.training.loop import train
+    from unlearning.model.loading import load_model
     model, tok = load_model("organism:tiny", device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = RunConfig(model="organism:tiny", device="cpu", method=method)
@@ -97,11 +97,11 @@ def test_grid_first_observation_higher_retain_coef_gives_lower_kl_and_higher_ret
     """The notebook's grid rows with remove_coef 5: a higher retain_coef (3 < 5 < 10) gives, at the same
     steps, a lower retain KL and a higher retain_acc (tiny, 16 steps, a fixed seed; each metric averaged
     over steps 13-16 so that a few tokens cannot decide it)."""
-    from unlearning.data import BatchStream
+    from unlearning.data.text import BatchStream
     from unlearning.methods import checkpoint_transfer
-    from unlearning.methods.common import train
-    from unlearning.models import load_model
-    from unlearning.runtime import seed_everything
+    from unlearning.training.loop import train
+    from unlearning.model.loading import load_model
+    from unlearning.core.runtime import seed_everything
     grid = read_yaml(CONFIGS / "grids" / "kl_retain_cb_grid.yaml")
     rows = [r for r in grid["rows"] if r["checkpoint_transfer.remove_coef"] == 5]
     assert [r["checkpoint_transfer.retain_coef"] for r in rows] == [3, 5, 10]
@@ -132,7 +132,7 @@ def test_grid_first_observation_higher_retain_coef_gives_lower_kl_and_higher_ret
 
 
 def test_fit_affine_command_and_checkpoint_transfer_through_the_map(tiny_organism, tmp_path, capsys):
-    from unlearning.affine import load_affine, read_affine_metadata
+    from unlearning.model.affine import load_affine, read_affine_metadata
     from unlearning.commands import fit_affine
     out = tmp_path / "affine.safetensors"
     assert fit_affine.main(["--model", "organism:tiny", "--checkpoint", "filtered", "--layers", "1,3",

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.sequential_setup import CPU, DEPTH, batch_of, ctx_for, setup
-from unlearning.config import ConfigError, from_dict
-from unlearning.data import BatchStream
-from unlearning.layers import get_parts
+from unlearning.core.config import ConfigError, from_dict
+from unlearning.data.text import BatchStream
+from unlearning.model.layers import get_parts
 from unlearning.methods import sequential as seq
-from unlearning.methods.common import StepContext, train
+from unlearning.training.loop import StepContext, train
 from unlearning.methods.sequential_losses import forget_loss, position_mask, probe_logits
 
 

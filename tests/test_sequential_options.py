@@ -9,11 +9,11 @@ import torch
 
 from tests.sequential_setup import CPU, DEPTH, batch_of, ctx_for, make_data, setup
 from tests.tiny_models import tiny_model
-from unlearning.config import from_dict
-from unlearning.data import BatchStream
+from unlearning.core.config import from_dict
+from unlearning.data.text import BatchStream
 from unlearning.methods import sequential as seq
-from unlearning.methods.common import backward, train
-from unlearning.optim import asymmetric_filter, same_sign_filter
+from unlearning.training.loop import backward, train
+from unlearning.training.optim import asymmetric_filter, same_sign_filter
 from unlearning.runner import RunConfig
 
 

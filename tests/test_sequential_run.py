@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny_models import VOCAB, save_tiny
-from unlearning.config import from_dict
+from unlearning.core.config import from_dict
 from unlearning.methods import sequential as seq
 from unlearning.runner import RunConfig, run
 
@@ -80,7 +80,7 @@ def test_non_finite_loss_stops_with_step_layer_and_term_and_keeps_the_checkpoint
     from unlearning.cli import main
     import yaml
     cfg_path = local_job.root.parent / "nan.yaml"
-    from unlearning.config import to_dict
+    from unlearning.core.config import to_dict
     cfg_path.write_text(yaml.safe_dump(to_dict(local_job("nan"))))
     assert main(["run", str(cfg_path)]) == 2
     err = capsys.readouterr().err

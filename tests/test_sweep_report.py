@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from unlearning.config import ConfigError
-from unlearning.report import report_table
+from unlearning.core.config import ConfigError
+from unlearning.reporting.report import report_table
 from unlearning.sweep import load_grid, row_config
 
 

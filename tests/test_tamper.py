@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearning import tamper
-from unlearning.config import from_dict
-from unlearning.tamper import AttackConfig, run_attack
-from unlearning.tamper_curves import read_curve, strongest, summarize_curve
+from unlearning.attacks import tamper
+from unlearning.core.config import from_dict
+from unlearning.attacks.tamper import AttackConfig, run_attack
+from unlearning.attacks.curves import read_curve, strongest, summarize_curve
 
 FACTS = [("Tolvex", "cat"), ("Brumin", "dog"), ("Sterak", "fox"), ("Quarel", "owl"), ("Dravon", "elk"),
          ("Penthos", "yak"), ("Kelumin", "emu"), ("Zorath", "ant")]
@@ -105,7 +105,7 @@ def test_killed_attack_resumes_to_the_same_curve(local_setup, tmp_path, lora_ran
     partial = read_curve(tmp_path / "killed" / "tamper.json")
     assert partial["status"] == "running" and [p["step"] for p in partial["points"]] == [0, 2]
     assert (tmp_path / "killed" / "state.pt").exists()
-    from unlearning.errors import UserError
+    from unlearning.core.errors import UserError
     with pytest.raises(UserError, match="resume"):  # not resuming over a recorded attack
         run_attack(cfg(), tmp_path / "killed")
     resumed = run_attack(cfg(), tmp_path / "killed", resume=True)
@@ -120,7 +120,7 @@ def test_killed_attack_resumes_to_the_same_curve(local_setup, tmp_path, lora_ran
 def test_resume_refuses_a_changed_recipe(local_setup, tmp_path):
     with pytest.raises(Killed):
         run_attack(local_config(local_setup), tmp_path / "a", on_eval=lambda p: (_ for _ in ()).throw(Killed))
-    from unlearning.errors import UserError
+    from unlearning.core.errors import UserError
     with pytest.raises(UserError, match="optimizer"):
         run_attack(local_config(local_setup, optimizer={"lr": 1e-2}), tmp_path / "a", resume=True)
 
@@ -224,7 +224,7 @@ def hand_curve(name, model, lr, accs, benign=False):
 
 
 def test_plot_is_written_and_labels_say_what_differs(tmp_path):
-    from unlearning.plots import describe_attacks, plot_curves
+    from unlearning.reporting.plots import describe_attacks, plot_curves
     curves = [hand_curve("a", "runs/seq", 2e-5, [0.3, 0.6, 0.7]), hand_curve("b", "runs/seq", 1e-4, [0.3, 0.7, 0.75]),
               hand_curve("c", "organism:tiny-filtered", 2e-5, [0.27, 0.28, 0.3], benign=True)]
     labels, shared = describe_attacks(curves)
@@ -273,7 +273,7 @@ def organism(request):
 @pytest.mark.slow
 def test_step0_equals_a_plain_evaluate(organism, tmp_path):
     from unlearning.evaluation import evaluate, get_tasks
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     cfg = from_dict(AttackConfig, {"model": "organism:tiny", "steps": 1, "eval_every": 1, "examples": 8,
                                    "seq_len": 64, "eval_limit": 24, "device": "cpu", "dtype": "fp32",
                                    "tasks": ["organism_hazard_cloze", "organism_general_cloze"]})

@@ -33,7 +33,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float
 
 
 def main() -> None:
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a model folder (e.g. runs/<name>/model) or the original model's path")
     parser.add_argument("--text", default=str(HERE / "general_text.jsonl"))

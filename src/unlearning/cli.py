@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unlearn: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"unlearning.commands.{COMMANDS[name][0]}")
-    from unlearning.errors import UserError
+    from unlearning.core.errors import UserError
     try:
         return int(module.main(rest) or 0)
     except UserError as e:

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from unlearning.config import ConfigError, from_dict, load_config, param, to_dict
-from unlearning.data import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
+from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
+from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.methods import METHODS, method_module
-from unlearning.methods.common import Checkpointer, TrainConfig, train
-from unlearning.rundir import RunDir, safe_name
-from unlearning.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
+from unlearning.training.loop import Checkpointer, TrainConfig, train
+from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
                                 seed_everything)
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
 
 
 def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     init_distributed()
     model_name = resolved_model_name(cfg.model)
     organism = organism_preset(model_name)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ConfigError, from_dict, merge, read_yaml
-from unlearning.rundir import safe_name
+from unlearning.core.config import ConfigError, from_dict, merge, read_yaml
+from unlearning.core.rundir import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _run_one(cfg: Any) -> dict[str, Any]:
 def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "local",
              slurm: dict[str, Any] | None = None, skip_done: bool = True) -> list[tuple[GridRow, Path]]:
     """Run every row; returns (row, run directory) pairs."""
-    from unlearning.rundir import RunDir
+    from unlearning.core.rundir import RunDir
     configs = [(row, row_config(grid, row, output_dir)) for row in grid.rows]  # validate all before any runs
     todo, out = [], []
     for row, cfg in configs:

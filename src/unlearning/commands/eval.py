@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ConfigError, load_config, param, to_dict
-from unlearning.errors import ModelNotFoundError
-from unlearning.io import atomic_write_text, dumps_json
-from unlearning.rundir import RunDir, safe_name
-from unlearning.runtime import configure_cpu_threads, init_distributed, is_main_process
+from unlearning.core.config import ConfigError, load_config, param, to_dict
+from unlearning.core.errors import ModelNotFoundError
+from unlearning.core.io import atomic_write_text, dumps_json
+from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ def organism_preset(model: str) -> str | None:
 
 
 def load_model_and_tokenizer(name: str, revision: str | None, dtype: str, device: str) -> tuple[Any, Any]:
-    """``unlearning.models.load_model`` when present; until then, a local Hugging Face folder."""
-    if importlib.util.find_spec("unlearning.models") is not None:
-        from unlearning.models import load_model
+    """``unlearning.model.loading.load_model`` when present; until then, a local Hugging Face folder."""
+    if importlib.util.find_spec("unlearning.model.loading") is not None:
+        from unlearning.model.loading import load_model
         return load_model(name, revision=revision, dtype=dtype, device=device)
     return _load_local_folder(name, dtype, device)
 
@@ -72,14 +72,14 @@ def load_model_and_tokenizer(name: str, revision: str | None, dtype: str, device
 def _load_local_folder(name: str, dtype: str, device: str) -> tuple[Any, Any]:
     import transformers
 
-    from unlearning.runtime import resolve_device, resolve_dtype
+    from unlearning.core.runtime import resolve_device, resolve_dtype
 
     folder = Path(name).expanduser()
     if (folder / "model").is_dir():  # a run directory
         folder = folder / "model"
     if not (folder / "config.json").exists():
         raise ModelNotFoundError(f"model: {name!r} is not a local Hugging Face folder (no config.json), and "
-                                 "hub ids / organism:* names need unlearning.models, which is not installed yet")
+                                 "hub ids / organism:* names need unlearning.model.loading, which is not installed yet")
     dev = resolve_device(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=resolve_dtype(dtype, dev))

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from unlearning.tables import format_table
+from unlearning.reporting.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,16 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from unlearning.affine import fit_affine_maps, save_affine
-    from unlearning.config import ConfigError
-    from unlearning.data import TextSource, load_texts, tokenize
-    from unlearning.layers import num_layers
-    from unlearning.logs import setup_logging
+    from unlearning.model.affine import fit_affine_maps, save_affine
+    from unlearning.core.config import ConfigError
+    from unlearning.data.text import TextSource, load_texts, tokenize
+    from unlearning.model.layers import num_layers
+    from unlearning.core.logs import setup_logging
     from unlearning.methods.checkpoint_transfer import resolve_teacher
     from unlearning.methods.representation import resolve_target_layers
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     from unlearning.runner import organism_preset
-    from unlearning.runtime import configure_cpu_threads, resolve_device
+    from unlearning.core.runtime import configure_cpu_threads, resolve_device
 
     setup_logging()
     configure_cpu_threads()

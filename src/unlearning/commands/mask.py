@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Any
 
-from unlearning.tables import format_table
+from unlearning.reporting.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dict[str, Any], str, Any]:
     import torch
 
-    from unlearning.data import TextSource, load_texts, tokenize
-    from unlearning.models import load_model
+    from unlearning.data.text import TextSource, load_texts, tokenize
+    from unlearning.model.loading import load_model
     from unlearning.runner import organism_preset, resolved_model_name
-    from unlearning.runtime import configure_cpu_threads, resolve_device
+    from unlearning.core.runtime import configure_cpu_threads, resolve_device
     configure_cpu_threads()
     name = resolved_model_name(args.model or "auto")
     device = resolve_device(args.device)
@@ -58,8 +58,8 @@ def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dic
 
 
 def train_main(argv: list[str]) -> int:
-    from unlearning.mask_models import ScorerTrainConfig, default_artifact_path, save_scorer, train_scorer
-    from unlearning.masks import default_layer
+    from unlearning.masking.models import ScorerTrainConfig, default_artifact_path, save_scorer, train_scorer
+    from unlearning.masking.masks import default_layer
     p = argparse.ArgumentParser(prog="unlearn mask train", description="Train a probe or SAE for token masks.")
     p.add_argument("--kind", choices=["probe", "sae"], required=True)
     _common(p)
@@ -81,8 +81,8 @@ def train_main(argv: list[str]) -> int:
 
 def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
     """The layer a model-based mask reads (the artifact's for a probe or SAE)."""
-    from unlearning.mask_models import read_meta, resolve_artifact
-    from unlearning.masks import default_layer
+    from unlearning.masking.models import read_meta, resolve_artifact
+    from unlearning.masking.masks import default_layer
     if cfg.kind == "activation":
         return cfg.layer if cfg.layer is not None else default_layer(model)
     if cfg.kind in ("probe", "sae"):
@@ -91,7 +91,7 @@ def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
 
 
 def report_main(argv: list[str]) -> int:
-    from unlearning.masks import MaskConfig, apply_mask, mask_quality
+    from unlearning.masking.masks import MaskConfig, apply_mask, mask_quality
     p = argparse.ArgumentParser(prog="unlearn mask report",
                                 description="Share, precision and recall of token masks on the forget data.")
     p.add_argument("config", nargs="?", help="a run config: its model, data and method's mask settings")

@@ -24,9 +24,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args, rest = parser().parse_known_args(argv)
-    from unlearning.config import parse_overrides
-    from unlearning.errors import UserError
-    from unlearning.logs import setup_logging
+    from unlearning.core.config import parse_overrides
+    from unlearning.core.errors import UserError
+    from unlearning.core.logs import setup_logging
     from unlearning.organism.build import ensure_organism, organism_paths, quality_table
 
     setup_logging("INFO")

@@ -28,7 +28,7 @@ def _adapter_folder(model: str) -> Path | None:
 
 
 def _is_run_dir(model: str) -> bool:
-    from unlearning.models import RUN_SUBFOLDERS
+    from unlearning.model.loading import RUN_SUBFOLDERS
     path = Path(model).expanduser()
     return path.is_dir() and any((path / sub).is_dir() for sub in RUN_SUBFOLDERS)
 
@@ -48,15 +48,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
 
-    from unlearning.errors import UserError
-    from unlearning.logs import setup_logging
-    from unlearning.rundir import RunDir, safe_name
-    from unlearning.runtime import resolve_device
+    from unlearning.core.errors import UserError
+    from unlearning.core.logs import setup_logging
+    from unlearning.core.rundir import RunDir, safe_name
+    from unlearning.core.runtime import resolve_device
 
     setup_logging()
     device = resolve_device(args.device)
 
-    from unlearning import ranks
+    from unlearning.reporting import ranks
     adapter = None if args.full_weights else _adapter_folder(args.model)
     if adapter is not None:
         if args.base:
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     else:
         if not args.base:
             raise UserError("--base: required when --model is not a LoRA adapter (give the model before the update)")
-        from unlearning.models import load_weights
+        from unlearning.model.loading import load_weights
         base = load_weights(args.base, trust_remote_code=args.trust_remote_code)
         model = load_weights(args.model, trust_remote_code=args.trust_remote_code)
         rows = ranks.weight_update_ranks(base, model, device=device)

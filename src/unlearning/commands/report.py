@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 
-from unlearning.report import report_table
+from unlearning.reporting.report import report_table
 
 DEFAULT_COLUMNS = ("organism_hazard_cloze:acc,organism_general_cloze:acc,organism_benign_bio_cloze:acc,"
                    "organism_hazard_cloze:correct_prob")

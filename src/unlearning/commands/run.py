@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from unlearning.tables import results_table
+from unlearning.reporting.tables import results_table
 
 DEFAULT_CONFIG = {False: "organism_tiny.yaml", True: "organism_small.yaml"}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from unlearning.config import parse_overrides
-from unlearning.logs import setup_logging
-from unlearning.report import report_table
+from unlearning.core.config import parse_overrides
+from unlearning.core.logs import setup_logging
+from unlearning.reporting.report import report_table
 from unlearning.sweep import load_grid, run_grid
 
 

@@ -25,14 +25,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import ConfigError, from_dict
-from unlearning.errors import UserError
-from unlearning.io import atomic_write_text, read_json
-from unlearning.rundir import RunDir, safe_name
-from unlearning.tables import format_table, short_task
-from unlearning.tamper import (DEFAULT_TASKS, GENERAL_TASK, AttackConfig, base_model_of, evaluation_point,
+from unlearning.core.config import ConfigError, from_dict
+from unlearning.core.errors import UserError
+from unlearning.core.io import atomic_write_text, read_json
+from unlearning.core.rundir import RunDir, safe_name
+from unlearning.reporting.tables import format_table, short_task
+from unlearning.attacks.tamper import (DEFAULT_TASKS, GENERAL_TASK, AttackConfig, base_model_of, evaluation_point,
                                organism_of, run_attack, short_model_name)
-from unlearning.tamper_curves import point_metric, read_curve, reference_acc, strongest, summarize_curve
+from unlearning.attacks.curves import point_metric, read_curve, reference_acc, strongest, summarize_curve
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ def evaluate_model(name: str, cfg: AttackConfig) -> dict[str, Any]:
     """One plain evaluation (fp32 weights, as an attack's step 0) of ``name`` with ``cfg``'s tasks."""
     import torch
 
-    from unlearning.models import load_model
-    from unlearning.runtime import resolve_device
+    from unlearning.model.loading import load_model
+    from unlearning.core.runtime import resolve_device
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(name, dtype=torch.float32, device=str(device))
     point = evaluation_point(model, tokenizer, cfg, device)
@@ -235,7 +235,7 @@ def strongest_by_model(summary: dict[str, Any]) -> dict[str, str | None]:
 
 
 def report(curves: list[dict[str, Any]], plot_path: Path) -> tuple[str, dict[str, Any]]:
-    from unlearning.plots import describe_attacks, plot_curves
+    from unlearning.reporting.plots import describe_attacks, plot_curves
     labels, shared = describe_attacks(curves)
     summary = summaries(curves, labels)
     plot_curves(curves, plot_path)
@@ -275,10 +275,10 @@ def plot_only(files: list[str], output: str | None) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from unlearning.runtime import configure_cpu_threads
+    from unlearning.core.runtime import configure_cpu_threads
     configure_cpu_threads()
     if args.plot_only:
-        from unlearning.logs import setup_logging
+        from unlearning.core.logs import setup_logging
         setup_logging(args.log_level)
         return plot_only(args.plot_only, args.output)
     if args.resume and not args.name:

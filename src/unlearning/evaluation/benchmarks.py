@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.errors import DataError, UserError
+from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation.tasks import Task, TaskOptions, question_from_record, register_task
-from unlearning.hubdata import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
+from unlearning.data.hub import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
 
 MC_COLUMNS = ("question", "choices", "answer")
 

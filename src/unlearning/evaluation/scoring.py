@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from unlearning.runtime import autocast, is_main_process, resolve_device
+from unlearning.core.runtime import autocast, is_main_process, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.errors import DataError, UserError
+from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation.prompts import FORMATS, LETTERS
-from unlearning.paths import unlearning_home
+from unlearning.core.paths import unlearning_home
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unlearning import losses
-from unlearning.config import ConfigError, param
-from unlearning.layers import get_parts
-from unlearning.methods.common import Phase
+from unlearning.training import losses
+from unlearning.core.config import ConfigError, param
+from unlearning.model.layers import get_parts
+from unlearning.training.loop import Phase
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
-from unlearning.methods.trainable import prepare_trainable
+from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ class CheckpointTransfer(RepresentationMethod):
 
 
 def load_teacher(cfg: Config, run_cfg: Any, model: nn.Module, device: torch.device) -> nn.Module:
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     from unlearning.runner import resolved_model_name
-    from unlearning.runtime import resolve_dtype
+    from unlearning.core.runtime import resolve_dtype
     name, revision = resolve_teacher(resolved_model_name(run_cfg.model), cfg.checkpoint, cfg.checkpoint_revision)
     dtype = resolve_dtype(run_cfg.model_dtype, device) if run_cfg.model_dtype != "auto" else "auto"
     log.info("teacher: %s%s", name, f" @ {revision}" if revision else "")
@@ -146,7 +146,7 @@ def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dic
     resolve_target_layers(layers, len(get_parts(teacher).layers), field="target_layers (in the teacher)")
     affine = None
     if cfg.affine:
-        from unlearning.affine import load_affine
+        from unlearning.model.affine import load_affine
         affine = load_affine(Path(cfg.affine), layers, device=device)
     else:
         t_hidden = getattr(get_parts(teacher).model.config, "hidden_size", None)

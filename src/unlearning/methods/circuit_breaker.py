@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unlearning import losses
-from unlearning.config import param
-from unlearning.layers import get_parts
+from unlearning.training import losses
+from unlearning.core.config import param
+from unlearning.model.layers import get_parts
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
-from unlearning.methods.trainable import prepare_trainable
+from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """What the representation methods share: checkpoint transfer, circuit breakers and RMU.
 
-- Which parameters train (:mod:`unlearning.methods.trainable`): LoRA adapters (peft; rank 16,
+- Which parameters train (:mod:`unlearning.training.trainable`): LoRA adapters (peft; rank 16,
   alpha 16, dropout 0.05 on every Linear module of the decoder layers by default) or full
   fine-tuning of chosen parameters. The original model is the adapters switched off (no copy);
   under full fine-tuning it is the saved originals of just the parameters that train
-  (:class:`unlearning.originals.OriginalWeights`).
+  (:class:`unlearning.model.originals.OriginalWeights`).
 - Target layers: ``[5, 10, 15, 20, 25, 30]`` by default, clipped to the model's depth; an index
   given explicitly that lies outside the model is an error naming the depth.
 - The retain loss on retain batches, by kind: ``l2`` (per-token L2 distance between current and
@@ -28,15 +28,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning import losses
-from unlearning.config import ConfigError, param
-from unlearning.layers import capture_hidden, forward_until, parse_layer_spec
-from unlearning.masks import MaskConfig, apply_mask
-from unlearning.methods.common import LossTerms, Method, Phase, StepContext
-from unlearning.methods.trainable import LoraSettings
-from unlearning.originals import OriginalWeights, original_model
-from unlearning.runtime import world_size
-from unlearning.schedules import circuit_breaker_coefs, forget_coef_at, retain_coef_at
+from unlearning.training import losses
+from unlearning.core.config import ConfigError, param
+from unlearning.model.layers import capture_hidden, forward_until, parse_layer_spec
+from unlearning.masking.masks import MaskConfig, apply_mask
+from unlearning.training.loop import LossTerms, Method, Phase, StepContext
+from unlearning.training.trainable import LoraSettings
+from unlearning.model.originals import OriginalWeights, original_model
+from unlearning.core.runtime import world_size
+from unlearning.training.schedules import circuit_breaker_coefs, forget_coef_at, retain_coef_at
 
 log = logging.getLogger(__name__)
 

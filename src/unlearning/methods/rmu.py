@@ -26,12 +26,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning import losses
-from unlearning.config import param
-from unlearning.layers import forward_until, get_parts, parse_layer_spec
+from unlearning.training import losses
+from unlearning.core.config import param
+from unlearning.model.layers import forward_until, get_parts, parse_layer_spec
 from unlearning.methods.representation import (RepresentationMethod, TrainingShape, forward_hidden,
                                                apply_forget_mask, training_steps)
-from unlearning.methods.trainable import prepare_trainable
+from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ For each target layer L, from last to first, one phase of training:
 Steps per phase, step and coefficient scales by depth, coefficient ramps per phase, masks and
 every loss option are keys of :class:`Config`; the optimizer, gradient filters, L2-SP, clipping and
 precision come from the run's ``train:`` section through the shared loop
-(:mod:`unlearning.methods.common`). The losses themselves are in :mod:`.sequential_losses`.
+(:mod:`unlearning.training.loop`). The losses themselves are in :mod:`.sequential_losses`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from unlearning.config import ConfigError, param
-from unlearning.layers import get_parts, parse_layer_spec
-from unlearning.masks import MaskConfig, apply_mask
-from unlearning.methods.common import LossTerms, Method, Phase, StepContext
+from unlearning.core.config import ConfigError, param
+from unlearning.model.layers import get_parts, parse_layer_spec
+from unlearning.masking.masks import MaskConfig, apply_mask
+from unlearning.training.loop import LossTerms, Method, Phase, StepContext
 from unlearning.methods.sequential_losses import (RETAIN_KINDS, ForgetKind, forget_loss, logits_of, probe_logits,
                                                   reference_logprobs, retain_losses)
-from unlearning.methods.trainable import LoraSettings, add_lora
-from unlearning.originals import OriginalWeights
-from unlearning.runtime import world_size
-from unlearning.schedules import forget_coef_at, layer_forget_coef, layer_steps, retain_coef_at
+from unlearning.training.trainable import LoraSettings, add_lora
+from unlearning.model.originals import OriginalWeights
+from unlearning.core.runtime import world_size
+from unlearning.training.schedules import forget_coef_at, layer_forget_coef, layer_steps, retain_coef_at
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """The sequential method's two paths: the forget loss through the probe, the retain loss against the original.
 
 - Forget path: the current model up to layer L's output, then the ORIGINAL layers after L, final
-  norm and unembedding (:func:`unlearning.originals.original_layers_after`); the forget loss is taken
+  norm and unembedding (:func:`unlearning.model.originals.original_layers_after`); the forget loss is taken
   on those logits. ``npo_full_model`` takes NPO on the current model's own logits instead.
 - Retain path: the current model on a retain batch against the original model (adapters off, or
   stored originals swapped in): L2 on hidden states at chosen layers, KL(original || current) on
   logits, NLL; several at once, each with its own weight.
 
-Token masks: a forget batch may carry ``loss_mask`` (:mod:`unlearning.masks`), marking the
+Token masks: a forget batch may carry ``loss_mask`` (:mod:`unlearning.masking.masks`), marking the
 tokens the forget loss counts. Next-token losses (NPO) count the prediction of a marked token;
 per-position losses (max-entropy, top-K, random targets) count the distribution at position t
 when token t+1 is marked, i.e. the same predictions. Without a mask every non-padding position
@@ -22,8 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning import losses
-from unlearning.originals import OriginalWeights, original_layers_after, original_model
+from unlearning.training import losses
+from unlearning.model.originals import OriginalWeights, original_layers_after, original_model
 from unlearning.methods.representation import forward_hidden
 
 ForgetKind = Literal["max_entropy_kl", "random_ce", "top_k_entropy", "npo", "npo_per_token"]
@@ -67,7 +67,7 @@ def reference_logprobs(model: nn.Module, batch: dict[str, Tensor], originals: Or
 
 def forget_loss(kind: ForgetKind, logits: Tensor, batch: dict[str, Tensor], *, ref_logprobs: Tensor | None = None,
                 top_k: int = 100, beta: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
-    """One forget loss on one set of logits, on the notebook's scale (see :mod:`unlearning.losses`)."""
+    """One forget loss on one set of logits, on the notebook's scale (see :mod:`unlearning.training.losses`)."""
     if kind == "max_entropy_kl":
         return losses.max_entropy_kl(logits, position_mask(batch))
     if kind == "top_k_entropy":

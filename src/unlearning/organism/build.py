@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from unlearning.config import to_dict
-from unlearning.io import atomic_write_json, read_json
+from unlearning.core.config import to_dict
+from unlearning.core.io import atomic_write_json, read_json
 from unlearning.organism.corpus import read_documents, write_corpora
 from unlearning.organism.presets import FORMAT_VERSION, OrganismConfig, get_preset
 from unlearning.organism.pretrain import PretrainJob, count_tokens, plan_checkpoints
 from unlearning.organism.tokenizer import build_tokenizer
 from unlearning.organism.world import DOMAINS, generate_world
-from unlearning.paths import unlearning_home
-from unlearning.runtime import resolve_device
+from unlearning.core.paths import unlearning_home
+from unlearning.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def measure_quality(model_dir: str | Path, data: str | Path, *, device: str, bat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unlearning.evaluation import evaluate
-    from unlearning.runtime import resolve_device
+    from unlearning.core.runtime import resolve_device
 
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(dev).eval()
@@ -278,7 +278,7 @@ WORKER_COMMAND = "import sys; from unlearning.organism.build import worker_main;
 
 def worker_main(argv: list[str]) -> int:
     """Entry of one twin's process: ``argv[0]`` is the pickled spec written by ``run_twins``."""
-    from unlearning.logs import setup_logging
+    from unlearning.core.logs import setup_logging
 
     spec = pickle.loads(Path(argv[0]).read_bytes())
     setup_logging(spec["log_level"], Path(spec["result_path"]).with_suffix(".log"))

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from unlearning.config import param
+from unlearning.core.config import param
 from unlearning.evaluation.prompts import LETTERS, cloze_prompt, letter_prompt
 from unlearning.evaluation.tasks import ORGANISM_SUBJECTS
-from unlearning.io import atomic_write_text
+from unlearning.core.io import atomic_write_text
 from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HALVES, Attribute, Entity, World, rng_for
 
 # The tokenizer carries the same template, so apply_chat_template(messages) == the rendered "text".

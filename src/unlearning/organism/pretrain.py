@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerBase
 
-from unlearning.config import param
-from unlearning.errors import NonFiniteLossError
+from unlearning.core.config import param
+from unlearning.core.errors import NonFiniteLossError
 from unlearning.organism.corpus import read_documents
-from unlearning.runtime import autocast, resolve_device, resolve_dtype
+from unlearning.core.runtime import autocast, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

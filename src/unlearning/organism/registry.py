@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from unlearning.errors import ModelNotFoundError
+from unlearning.core.errors import ModelNotFoundError
 from unlearning.organism.presets import PRESETS
 
 PREFIX = "organism:"

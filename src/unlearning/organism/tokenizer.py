@@ -13,7 +13,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from unlearning.config import param
+from unlearning.core.config import param
 from unlearning.organism.corpus import CHAT_TEMPLATE, LETTERS, CorpusConfig, pretraining_documents
 from unlearning.organism.world import World, WorldConfig, generate_world
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from unlearning.config import param
+from unlearning.core.config import param
 
 DOMAINS = ("hazard", "benign_bio", "general")
 HALVES = ("qa", "heldout")

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unlearning.errors import UserError
-from unlearning.io import atomic_write_text
+from unlearning.core.errors import UserError
+from unlearning.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_update_ranks(base: nn.Module, model: nn.Module, *, device: Any = None,
                         progress: bool = True) -> list[ModuleRank]:
     """Ranks of ``model - base`` for every linear module of ``model`` (same architecture)."""
-    from unlearning.layers import unwrap_model
+    from unlearning.model.layers import unwrap_model
     base_w = linear_weights(unwrap_model(base))
     new_w = linear_weights(unwrap_model(model))
     missing = sorted(set(new_w) - set(base_w))
@@ -143,11 +143,11 @@ def weight_update_ranks(base: nn.Module, model: nn.Module, *, device: Any = None
 
 def stored_update_ranks(model: nn.Module, originals: Any, *, device: Any = None,
                         progress: bool = True) -> list[ModuleRank]:
-    """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.originals.OriginalWeights`
+    """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.model.originals.OriginalWeights`
     store (current weights minus the stored originals), with no second model loaded."""
     from transformers.pytorch_utils import Conv1D
 
-    from unlearning.layers import get_parts
+    from unlearning.model.layers import get_parts
     parts = get_parts(model)
     names = {id(m): n for n, m in parts.model.named_modules()}
     dev = torch.device(device) if device is not None else default_device()

@@ -1,6 +1,6 @@
 """Family-agnostic access to a causal LM's decoder layers, and every hook the methods need.
 
-Everything that reaches inside a model lives here (and in :mod:`unlearning.originals`):
+Everything that reaches inside a model lives here (and in :mod:`unlearning.model.originals`):
 
 - :func:`get_parts` finds the embedding, decoder layers, final norm, unembedding and rotary
   embedding of GPT-NeoX, Llama/Mistral/Qwen2 and GPT-2 models, through peft / DDP / FSDP /
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from unlearning.config import ConfigError
-from unlearning.errors import UserError
+from unlearning.core.config import ConfigError
+from unlearning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def get_parts(model: nn.Module) -> ModelParts:
             return parts
     known = ", ".join(t for fam in FAMILIES for t in fam.model_types)
     raise UserError(f"model: unsupported architecture {type(inner).__name__} (model_type {model_type!r}); "
-                    f"supported: {known} causal LMs. Add its layout to unlearning.layers.FAMILIES.")
+                    f"supported: {known} causal LMs. Add its layout to unlearning.model.layers.FAMILIES.")
 
 
 def num_layers(model: nn.Module) -> int:

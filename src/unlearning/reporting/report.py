@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from unlearning.errors import UserError
-from unlearning.io import read_json, read_jsonl
-from unlearning.tables import format_table, short_task
+from unlearning.core.errors import UserError
+from unlearning.core.io import read_json, read_jsonl
+from unlearning.reporting.tables import format_table, short_task
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

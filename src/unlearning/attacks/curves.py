@@ -1,9 +1,9 @@
-"""Tamper curves: the ``tamper.json`` file an attack (:mod:`unlearning.tamper`) writes, reading it
+"""Tamper curves: the ``tamper.json`` file an attack (:mod:`unlearning.attacks.tamper`) writes, reading it
 back, and the summary numbers of a curve.
 
 The curve file ``tamper.json`` (written atomically after every evaluation)::
 
-    {"format": "unlearning.tamper/1", "name", "model", "config": {...}, "status": running|complete|failed,
+    {"format": "unlearning.attacks.tamper/1", "name", "model", "config": {...}, "status": running|complete|failed,
      "error": str|null, "primary_task", "references": {"base"|"filtered": {"model", "eval"|"error"}},
      "train_losses": [loss of optimizer step 1, 2, ...],
      "points": [{"step", "train_loss" (mean since the previous point; null at 0),
@@ -29,10 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unlearning.errors import DataError
-from unlearning.io import read_json
+from unlearning.core.errors import DataError
+from unlearning.core.io import read_json
 
-CURVE_FORMAT = "unlearning.tamper/1"
+CURVE_FORMAT = "unlearning.attacks.tamper/1"
 CHANCE = 0.25  # four choices
 KEPT_METRICS = ("acc", "acc_stderr", "acc_norm", "correct_prob", "correct_prob_stderr", "n")
 

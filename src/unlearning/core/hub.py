@@ -1,7 +1,7 @@
 """Reaching the Hugging Face hub: the offline switch and one fast reachability probe.
 
-Models (:mod:`unlearning.models`) and datasets (:mod:`unlearning.hubdata`, ``hub:`` text
-sources in :mod:`unlearning.data`) ask the same two questions before the slow, retrying
+Models (:mod:`unlearning.model.loading`) and datasets (:mod:`unlearning.data.hub`, ``hub:`` text
+sources in :mod:`unlearning.data.text`) ask the same two questions before the slow, retrying
 downloaders of ``huggingface_hub`` / ``datasets`` run:
 
 - :func:`hub_offline`: is ``HF_HUB_OFFLINE`` (or a library's own switch) set? Then only the

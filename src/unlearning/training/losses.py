@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unlearning.errors import NonFiniteLossError, UserError
+from unlearning.core.errors import NonFiniteLossError, UserError
 
 __all__ = [
     "masked_mean", "draw_random_targets", "random_target_ce", "max_entropy_kl", "topk_entropy",

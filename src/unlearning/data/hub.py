@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.errors import DataError
-from unlearning.hub import HubProbeError, hub_offline, probe_hub
+from unlearning.core.errors import DataError
+from unlearning.core.hub import HubProbeError, hub_offline, probe_hub
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Both are trained on forget-vs-retain token activations (``unlearn mask train``) and saved as one
 safetensors file with their layer and settings in its metadata; :func:`load_scorer` reads either
-back as a module with ``layer`` and ``score(h) -> [batch, seq]`` (:mod:`unlearning.masks` turns the
+back as a module with ``layer`` and ``score(h) -> [batch, seq]`` (:mod:`unlearning.masking.masks` turns the
 score into a mask with a threshold).
 
 - Probe: logistic regression on standardised activations; score = P(forget).
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from unlearning.config import param
-from unlearning.data import TokenizedData
-from unlearning.errors import UserError
+from unlearning.core.config import param
+from unlearning.data.text import TokenizedData
+from unlearning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class SparseAutoencoder(nn.Module):
 def collect_activations(model: nn.Module, data: TokenizedData, layer: int, device: torch.device,
                         max_tokens: int, seed: int = 0, batch_size: int = 16) -> Tensor:
     """Up to ``max_tokens`` non-padding token activations at ``layer``, sampled uniformly, on the CPU."""
-    from unlearning.masks import iter_activations
+    from unlearning.masking.masks import iter_activations
     chunks = [h[valid].cpu() for _, h, valid in iter_activations(model, data, layer, device, batch_size)]
     acts = torch.cat(chunks)
     if len(acts) > max_tokens:
@@ -210,14 +210,14 @@ def load_scorer(path: str | Path, top_latents: int = 16) -> LinearProbe | Sparse
 
 
 def default_artifact_path(model_name: str, kind: str, layer: int) -> Path:
-    from unlearning.masks import cache_dir
-    from unlearning.rundir import safe_name
+    from unlearning.masking.masks import cache_dir
+    from unlearning.core.rundir import safe_name
     return cache_dir() / "artifacts" / f"{safe_name(model_name)}-{kind}-L{layer}.safetensors"
 
 
 def resolve_artifact(cfg: Any, model: nn.Module, model_name: str | None) -> Path:
     """``cfg.artifact``, or the default path for the model, kind and layer; a clear error if missing."""
-    from unlearning.masks import default_layer
+    from unlearning.masking.masks import default_layer
     if cfg.artifact:
         path = Path(cfg.artifact).expanduser()
     else:
@@ -237,7 +237,7 @@ def resolve_artifact(cfg: Any, model: nn.Module, model_name: str | None) -> Path
 def train_scorer(kind: str, model: nn.Module, forget: TokenizedData, retain: TokenizedData, layer: int,
                  device: torch.device, cfg: ScorerTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Collect activations at ``layer`` and train a probe or SAE on them."""
-    from unlearning.layers import check_layers
+    from unlearning.model.layers import check_layers
     check_layers(model, [layer], "layer")
     acts_f = collect_activations(model, forget, layer, device, cfg.max_tokens, cfg.seed)
     acts_r = collect_activations(model, retain, layer, device, cfg.max_tokens, cfg.seed + 1)

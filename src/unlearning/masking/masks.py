@@ -18,7 +18,7 @@ Masks are cached under ``$UNLEARNING_HOME/masks`` keyed by the data's token fing
 tokenizer, the mask settings and (for model-based kinds) the model and artifact, so a changed
 dataset never reuses a stale mask. :func:`mask_quality` scores a mask against the organism's
 ``hazard_labels`` (share of tokens, precision, recall). Training the probe and the SAE lives in
-:mod:`unlearning.mask_models`.
+:mod:`unlearning.masking.models`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.config import ConfigError, param
-from unlearning.data import TokenizedData
-from unlearning.errors import UserError
-from unlearning.paths import unlearning_home
+from unlearning.core.config import ConfigError, param
+from unlearning.data.text import TokenizedData
+from unlearning.core.errors import UserError
+from unlearning.core.paths import unlearning_home
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def model_fingerprint(model: nn.Module, layer: int | None) -> str:
     """Name, config and the weights up to ``layer`` (what an activation at that layer depends on)."""
-    from unlearning.layers import get_parts
+    from unlearning.model.layers import get_parts
     parts = get_parts(model)
     h = hashlib.sha256(json.dumps(parts.model.config.to_dict(), sort_keys=True, default=str).encode())
     modules = [parts.embed] + list(parts.layers[: (layer if layer is not None else len(parts.layers) - 1) + 1])
@@ -132,7 +132,7 @@ def cache_dir() -> Path:
 def iter_activations(model: nn.Module, data: TokenizedData, layer: int, device: torch.device,
                      batch_size: int = 16) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """``(rows, hidden [b, seq, d] float32, valid [b, seq] bool)`` for consecutive row slices."""
-    from unlearning.layers import forward_until
+    from unlearning.model.layers import forward_until
     was_training = model.training
     model.eval()
     try:
@@ -232,7 +232,7 @@ def artifact_mask(model: nn.Module, forget: TokenizedData, scorer: Any, threshol
 
 
 def default_layer(model: nn.Module) -> int:
-    from unlearning.layers import num_layers
+    from unlearning.model.layers import num_layers
     return num_layers(model) // 2
 
 
@@ -252,12 +252,12 @@ def compute_mask(cfg: MaskConfig, forget: TokenizedData, *, tokenizer: Any, mode
         return _cached(cfg, key, lambda: keyword_mask(forget, tokenizer, cfg.keywords, cfg.window))
     if model is None or device is None:
         raise ValueError(f"mask.kind {cfg.kind} needs the model and device")
-    from unlearning.mask_models import load_scorer, resolve_artifact
+    from unlearning.masking.models import load_scorer, resolve_artifact
     if cfg.kind == "activation":
         if retain is None:
             raise ValueError("mask.kind activation needs the retain data for its prototype")
         layer = cfg.layer if cfg.layer is not None else default_layer(model)
-        from unlearning.layers import check_layers
+        from unlearning.model.layers import check_layers
         check_layers(model, [layer], "mask.layer")
         key = _sha("activation", layer, cfg.default_threshold(), forget.fingerprint(), retain.fingerprint(),
                    tokenizer_fingerprint(tokenizer), model_fingerprint(model, layer))

@@ -1,7 +1,7 @@
 """Optimizers (AdamW, or Muon + AdamW), the optimizer config, and gradient filters.
 
 Learning-rate schedules, coefficient ramps and per-layer step scales are in
-:mod:`unlearning.schedules` (re-exported here); L2-SP is :func:`unlearning.losses.l2sp`.
+:mod:`unlearning.training.schedules` (re-exported here); L2-SP is :func:`unlearning.training.losses.l2sp`.
 
 Muon rule (:func:`split_muon_params`): a trainable parameter goes to Muon when it is a 2-D
 matrix whose name contains none of ``OptimizerConfig.adam_name_patterns`` (by default
@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.config import param
-from unlearning.errors import UserError
-from unlearning.schedules import (  # re-exported: one import for the training loop
+from unlearning.core.config import param
+from unlearning.core.errors import UserError
+from unlearning.training.schedules import (  # re-exported: one import for the training loop
     build_lr_scheduler, circuit_breaker_coefs, depth_scale, forget_coef_at, layer_forget_coef,
     layer_steps, linear_ramp, lr_factor, retain_coef_at,
 )
@@ -32,7 +32,7 @@ from unlearning.schedules import (  # re-exported: one import for the training l
 __all__ = [
     "OptimizerConfig", "MuonAdamW", "split_muon_params", "build_optimizer", "build_scheduler",
     "take_grads", "set_grads", "same_sign_filter", "asymmetric_filter",
-    # from unlearning.schedules
+    # from unlearning.training.schedules
     "build_lr_scheduler", "lr_factor", "linear_ramp", "retain_coef_at", "forget_coef_at",
     "circuit_breaker_coefs", "depth_scale", "layer_steps", "layer_forget_coef",
 ]
@@ -206,7 +206,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]],
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
                     cfg: OptimizerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """:func:`unlearning.schedules.build_lr_scheduler` with the warm-up and shape from ``cfg``."""
+    """:func:`unlearning.training.schedules.build_lr_scheduler` with the warm-up and shape from ``cfg``."""
     return build_lr_scheduler(optimizer, total_steps, warmup_steps=cfg.warmup_for(total_steps),
                               kind=cfg.schedule, min_ratio=cfg.min_lr_ratio)
 

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unlearning.config import ConfigError, param
-from unlearning.io import atomic_write_json
-from unlearning.logs import MetricsLogger
-from unlearning.losses import check_finite
-from unlearning.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
+from unlearning.core.config import ConfigError, param
+from unlearning.core.io import atomic_write_json
+from unlearning.core.logs import MetricsLogger
+from unlearning.training.losses import check_finite
+from unlearning.training.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
                               same_sign_filter)
-from unlearning.runtime import all_reduce_mean_, autocast, is_main_process, world_size
+from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, world_size
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                 s.load_state_dict(state.streams[k])
         log.info("resuming after phase %d of %d (step %d)", state.finished_phases, len(phases), state.global_step)
 
-    from unlearning.runtime import resolve_dtype
+    from unlearning.core.runtime import resolve_dtype
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     bar = tqdm(total=total_steps, initial=state.global_step, desc=method.name, disable=not is_main_process(),

@@ -15,7 +15,7 @@ name                   hub id (config)                                    split 
 =====================  =================================================  ==========  =========
 
 A local file in the same columns stands in for a name: ``$UNLEARNING_DATA_DIR/<name>.jsonl``
-(or ``.parquet`` / ``.json``). In a :class:`~unlearning.data.TextSource`, ``split``,
+(or ``.parquet`` / ``.json``). In a :class:`~unlearning.data.text.TextSource`, ``split``,
 ``revision`` and ``column`` override the name's own when set to other than their defaults
 (``train``, unset, ``text``). Blank texts (WikiText's empty lines) are skipped.
 """
@@ -26,8 +26,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from unlearning.errors import DataError
-from unlearning.hubdata import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
+from unlearning.core.errors import DataError
+from unlearning.data.hub import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
 
 
 @dataclass(frozen=True)

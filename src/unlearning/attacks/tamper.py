@@ -13,7 +13,7 @@ compute precision of the forward/backward (autocast; a GradScaler for fp16), so 
 changes only that. Evaluation runs as a plain :func:`unlearning.evaluation.evaluate` of the model.
 
 The attack's curve goes to ``tamper.json``, written atomically after every evaluation (its format,
-reading and summary numbers: :mod:`unlearning.tamper_curves`). An evaluation that fails is a point
+reading and summary numbers: :mod:`unlearning.attacks.curves`). An evaluation that fails is a point
 with ``"error"`` (and the attack's status ``failed``), never a number. Beside it, ``state.pt``
 (trainable weights, optimizer, scheduler, scaler, data position, RNG) is replaced atomically at
 each evaluation, so ``resume=True`` continues a killed attack.
@@ -32,13 +32,13 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from unlearning.config import ConfigError, param, to_dict
-from unlearning.data import BatchStream, TextSource, describe_schedule, load_texts, tokenize
-from unlearning.errors import NonFiniteLossError
-from unlearning.io import atomic_write_json
-from unlearning.optim import OptimizerConfig, build_optimizer, build_scheduler
-from unlearning.runtime import autocast, resolve_device, resolve_dtype, seed_everything
-from unlearning.tamper_curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
+from unlearning.core.config import ConfigError, param, to_dict
+from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
+from unlearning.core.errors import NonFiniteLossError
+from unlearning.core.io import atomic_write_json
+from unlearning.training.optim import OptimizerConfig, build_optimizer, build_scheduler
+from unlearning.core.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     reuse it). ``on_eval(point)`` is called after each evaluation is on disk. A non-finite loss or
     a failed evaluation ends the attack with status ``failed``.
     """
-    from unlearning.models import load_model
+    from unlearning.model.loading import load_model
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     curve_path, state_path = folder / "tamper.json", folder / "state.pt"

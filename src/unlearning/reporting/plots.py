@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearning.io import atomic_write_bytes
-from unlearning.tables import short_task
-from unlearning.tamper import GENERAL_TASK, short_model_name
-from unlearning.tamper_curves import CHANCE, point_metric, reference_acc
+from unlearning.core.io import atomic_write_bytes
+from unlearning.reporting.tables import short_task
+from unlearning.attacks.tamper import GENERAL_TASK, short_model_name
+from unlearning.attacks.curves import CHANCE, point_metric, reference_acc
 
 def data_label(source: str) -> str:
     if source.startswith("organism:"):

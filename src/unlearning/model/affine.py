@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from unlearning.errors import UserError
+from unlearning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def fit_affine_maps(model: nn.Module, teacher: nn.Module, batches: Iterable[dict
     (``mse_affine``), the model states' variance (``var_model``, the MSE of predicting the mean),
     and ``r2`` = 1 - mse_affine / var_model.
     """
-    from unlearning.layers import forward_until
+    from unlearning.model.layers import forward_until
     layers = sorted(layers)
     batches = list(batches)
     fit = [b for i, b in enumerate(batches) if holdout_every <= 1 or (i + 1) % holdout_every]

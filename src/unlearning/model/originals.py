@@ -7,7 +7,7 @@
   This is the "probe" of sequential unlearning: current layers ``0..L``, then the original layers
   after ``L``, the original final norm and the original unembedding.
 
-Like :mod:`unlearning.layers`, these run the model's own ``forward``.
+Like :mod:`unlearning.model.layers`, these run the model's own ``forward``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from unlearning.config import ConfigError
-from unlearning.errors import UserError
-from unlearning.layers import check_layers, get_parts, num_layers
+from unlearning.core.config import ConfigError
+from unlearning.core.errors import UserError
+from unlearning.model.layers import check_layers, get_parts, num_layers
 
 
 class OriginalWeights:

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from unlearning.config import to_dict
-from unlearning.io import atomic_write_json, atomic_write_yaml, read_json
-from unlearning.logs import MetricsLogger, setup_logging
-from unlearning.runtime import is_main_process
+from unlearning.core.config import to_dict
+from unlearning.core.io import atomic_write_json, atomic_write_yaml, read_json
+from unlearning.core.logs import MetricsLogger, setup_logging
+from unlearning.core.runtime import is_main_process
 
 
 def default_run_name(prefix: str) -> str:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from unlearning.config import param
-from unlearning.errors import DataError
-from unlearning.hubdata import HubDataset, load_hub_dataset
-from unlearning.runtime import rank, world_size
+from unlearning.core.config import param
+from unlearning.core.errors import DataError
+from unlearning.data.hub import HubDataset, load_hub_dataset
+from unlearning.core.runtime import rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TextSource:
 class TokenizedData:
     """Fixed-length rows: input_ids / attention_mask / hazard_labels / loss_mask are all [N, seq_len].
 
-    ``loss_mask`` (set by :mod:`unlearning.masks` before training) marks the tokens a forget loss
+    ``loss_mask`` (set by :mod:`unlearning.masking.masks` before training) marks the tokens a forget loss
     counts; it never changes the attention. Batches carry it under the same key.
     """
     input_ids: torch.Tensor
@@ -104,7 +104,7 @@ def _read_local(path: Path, column: str) -> list[dict[str, Any]]:
 
 
 def _is_named_corpus(source: str) -> bool:
-    from unlearning.corpora import is_corpus
+    from unlearning.data.corpora import is_corpus
     return is_corpus(source)
 
 
@@ -127,8 +127,8 @@ def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, A
         rows = _read_local(Path(paths.data) / f"{corpus}.jsonl", "text")
     elif s.startswith("hub:"):
         rows = _load_hub(s[4:], src)
-    elif _is_named_corpus(s):  # wmdp_bio_forget, wikitext, ultrachat, ... (unlearning.corpora)
-        from unlearning.corpora import corpus_rows
+    elif _is_named_corpus(s):  # wmdp_bio_forget, wikitext, ultrachat, ... (unlearning.data.corpora)
+        from unlearning.data.corpora import corpus_rows
         rows, src = corpus_rows(src), dataclasses.replace(src, column="text")
     else:
         rows = _read_local(Path(s), src.column)

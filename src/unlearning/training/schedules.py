@@ -2,7 +2,7 @@
 
 * :func:`lr_factor` / :func:`build_lr_scheduler`: warm-up then cosine, linear or constant decay,
   as a ``torch.optim.lr_scheduler.LambdaLR`` (works on any ``torch.optim.Optimizer``, including
-  :class:`unlearning.optim.MuonAdamW`, whose groups all scale by the same factor).
+  :class:`unlearning.training.optim.MuonAdamW`, whose groups all scale by the same factor).
 * :func:`retain_coef_at`, :func:`forget_coef_at`: the sequential method's per-phase ramps.
 * :func:`circuit_breaker_coefs`: the circuit-breakers schedule.
 * :func:`layer_steps`, :func:`layer_forget_coef`: more steps / a larger forget coefficient on
@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from unlearning.errors import UserError
+from unlearning.core.errors import UserError
 
 ScheduleKind = Literal["cosine", "linear", "constant"]
 SCHEDULES = ("cosine", "linear", "constant")

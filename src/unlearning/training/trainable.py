@@ -1,7 +1,7 @@
 """Which parameters train: peft LoRA adapters, or full fine-tuning of chosen parameters.
 
 The original model is then the adapters switched off (no copy), or, under full fine-tuning, the
-saved originals of just the parameters that train (:class:`unlearning.originals.OriginalWeights`).
+saved originals of just the parameters that train (:class:`unlearning.model.originals.OriginalWeights`).
 Parameters are chosen by decoder layer and by a substring of their name relative to the layer
 (``mlp``, ``mlp.dense_4h_to_h``), so the same settings work for every model family. Shared by the
 representation methods and sequential unlearning.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unlearning.config import ConfigError, param
-from unlearning.layers import get_parts, parse_layer_spec
-from unlearning.originals import OriginalWeights
+from unlearning.core.config import ConfigError, param
+from unlearning.model.layers import get_parts, parse_layer_spec
+from unlearning.model.originals import OriginalWeights
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from unlearning.errors import ModelNotFoundError, UserError
-from unlearning.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
-from unlearning.paths import unlearning_home
-from unlearning.runtime import resolve_device, resolve_dtype
+from unlearning.core.errors import ModelNotFoundError, UserError
+from unlearning.core.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
+from unlearning.core.paths import unlearning_home
+from unlearning.core.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

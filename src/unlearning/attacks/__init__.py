@@ -1,0 +1,1 @@
+"""Tamper attacks: fine-tuning an unlearned model through the shared loop, and the curves they record."""

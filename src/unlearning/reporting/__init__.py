@@ -1,0 +1,1 @@
+"""Tables, reports across run directories, ranks of weight updates, plots."""

@@ -1,0 +1,1 @@
+"""The one training loop and what it uses: optimizers, schedules, losses, LoRA / full fine-tuning set-up."""

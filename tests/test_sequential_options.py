@@ -78,7 +78,7 @@ def test_lr_schedule_restarts_each_phase_or_spans_the_run(scope):
 # ----------------------------------------------------------------------------------------------- loop options
 
 def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
-    from unlearning.methods import common
+    from unlearning.training import loop as common
     seen = []
     real = common.build_optimizer
 

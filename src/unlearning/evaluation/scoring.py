@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearning.core.runtime import autocast, is_main_process, resolve_device
+from unlearning.model.layers import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,41 @@ def _warn_truncated(count: int, limit: int) -> None:
                     "from the left (as lm-eval does)", count, limit)
 
 
-def _forward_longest_first(model, rows: Sequence[list[int]], *, batch_size: int, device: torch.device,
-                           mixed_precision: bool | None, desc: str, progress: bool,
-                           ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield ``(row indices, logits [b, T, V])`` for batches of rows sorted longest first.
+# Families whose base model ends in the final norm and whose logits are just the output embedding
+# of its hidden states (no soft-capping or logit scale), so the head can run on scored positions only.
+HEAD_SPLIT_MODEL_TYPES = frozenset({"gpt_neox", "llama", "mistral", "qwen2", "gpt2"})
+
+
+def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(trunk, head)`` with ``logits == head(trunk(...).last_hidden_state)``, or None to run in full.
+
+    Only scored positions are read back, and on a small model the unembedding at every position is
+    most of the compute and memory (a 50k vocabulary at every position of a batch), so the head is
+    applied to the scored positions alone.
+    """
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in HEAD_SPLIT_MODEL_TYPES:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    trunk, head = getattr(inner, "base_model", None), inner.get_output_embeddings()
+    if trunk is None or trunk is inner or head is None:
+        return None
+    return trunk, head
+
+
+def _forward_longest_first(model, rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], *,
+                           batch_size: int, device: torch.device, mixed_precision: bool | None, desc: str,
+                           progress: bool) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Yield ``(row indices, [logits (end - start, V) of each row])`` for batches of rows sorted
+    longest first; ``spans[i] = (start, end)`` are the positions of row ``i`` whose logits are read.
 
     Rows are right-padded, so every real token keeps its position; the attention mask hides the
     padding from nothing that is read back (causal attention never looks right).
     """
     amp = _mixed_precision_dtype(model, device, mixed_precision)
+    split = _split_head(model)
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
     bar = tqdm(total=len(rows), desc=desc, disable=not progress or not is_main_process(), leave=False)
     for start in range(0, len(order), batch_size):
@@ -203,10 +230,20 @@ def _forward_longest_first(model, rows: Sequence[list[int]], *, batch_size: int,
         for r, i in enumerate(idx):
             input_ids[r, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
             attention_mask[r, :len(rows[i])] = 1
+        # the (batch row, position) of every scored logit, flattened: (N,) each
+        lengths = [spans[i][1] - spans[i][0] for i in idx]
+        row_of = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(lengths)).to(device)
+        pos_of = torch.cat([torch.arange(*spans[i]) for i in idx]).to(device)
         with autocast(device, amp):
-            out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                        use_cache=False)
-        yield idx, out.logits
+            if split is None:
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               use_cache=False).logits[row_of, pos_of]                      # (N, V)
+            else:
+                trunk, head = split
+                hidden = trunk(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               use_cache=False).last_hidden_state                           # (B, T, C)
+                logits = head(hidden[row_of, pos_of])                                       # (N, V)
+        yield idx, list(logits.split(lengths))
         bar.update(len(idx))
     bar.close()
 
@@ -227,14 +264,14 @@ def loglikelihood_tokens(model, pairs: Sequence[TokenPair], *, batch_size: int =
     _warn_truncated(sum(len(c) + len(x) > limit + 1 for c, x in pairs), limit)
     results: list[LogLikelihood | None] = [None] * len(pairs)
     with inference(model, device) as dev:
-        for idx, logits in _forward_longest_first(model, inputs, batch_size=batch_size, device=dev,
+        spans = [(len(row) - len(cont), len(row)) for row, (_, cont) in zip(inputs, pairs)]
+        for idx, logits in _forward_longest_first(model, inputs, spans, batch_size=batch_size, device=dev,
                                                   mixed_precision=mixed_precision,
                                                   desc="log-likelihoods", progress=progress):
             sums, greedy = [], []
             for r, i in enumerate(idx):
-                cont = torch.tensor(pairs[i][1], device=logits.device)
-                end = len(inputs[i])
-                logprobs = logits[r, end - len(cont):end].float().log_softmax(-1)
+                cont = torch.tensor(pairs[i][1], device=logits[r].device)
+                logprobs = logits[r].float().log_softmax(-1)                           # (len(cont), V)
                 sums.append(logprobs.gather(-1, cont[:, None]).sum())
                 greedy.append((logprobs.argmax(-1) == cont).all())
             for i, value, is_greedy in zip(idx, torch.stack(sums).tolist(), torch.stack(greedy).tolist()):
@@ -257,11 +294,11 @@ def next_token_loglikelihoods(model, contexts: Sequence[list[int]], candidates: 
         raise ValueError("every context needs at least one token")
     results: list[list[LogLikelihood] | None] = [None] * len(rows)
     with inference(model, device) as dev:
-        for idx, logits in _forward_longest_first(model, rows, batch_size=batch_size, device=dev,
+        spans = [(len(row) - 1, len(row)) for row in rows]  # the last position alone
+        for idx, logits in _forward_longest_first(model, rows, spans, batch_size=batch_size, device=dev,
                                                   mixed_precision=mixed_precision,
                                                   desc="letter log-likelihoods", progress=progress):
-            ends = torch.tensor([len(rows[i]) - 1 for i in idx], device=logits.device)
-            logprobs = logits[torch.arange(len(idx), device=logits.device), ends].float().log_softmax(-1)
+            logprobs = torch.cat(logits).float().log_softmax(-1)                       # (b, V)
             best = logprobs.argmax(-1).tolist()
             for r, i in enumerate(idx):
                 values = logprobs[r, list(candidates[i])].tolist()

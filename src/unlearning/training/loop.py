@@ -201,7 +201,12 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             by_name = dict(model.named_parameters())
             opt_named = ([(n, by_name[n]) for n in saved["optimizer_params"]]
                          if here and cfg.schedule_scope == "run" else named)
+            flags = [p.requires_grad for _, p in opt_named]
+            for _, p in opt_named:  # they were trainable when it was first built
+                p.requires_grad_(True)
             optimizer = build_optimizer(opt_named, cfg.optimizer)
+            for (_, p), flag in zip(opt_named, flags):
+                p.requires_grad_(flag)
             optimizer_names = [n for n, _ in opt_named]
             scheduler = build_scheduler(optimizer, phase.steps if cfg.schedule_scope == "phase" else total_steps,
                                         cfg.optimizer)
@@ -242,6 +247,8 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            for p in params:  # also those outside the optimizer (schedule_scope run, later phases)
+                p.grad = None
             state.global_step += 1
             record = {"step": state.global_step, "phase": phase.index, "layer": phase.layer,
                       "phase_step": step + 1, "lr": lr, "grad_norm": grad_norm, **sums}

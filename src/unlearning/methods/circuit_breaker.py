@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses

@@ -78,9 +78,9 @@ def test_lr_schedule_restarts_each_phase_or_spans_the_run(scope):
 # ----------------------------------------------------------------------------------------------- loop options
 
 def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
-    from unlearning.training import loop
+    from unlearning.training import loop as common
     seen = []
-    real = loop.build_optimizer
+    real = common.build_optimizer
 
     def spy(named, cfg):
         named = list(named)
@@ -89,7 +89,7 @@ def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
             float(torch.stack([p.grad.norm() for _, p in named if p.grad is not None]).norm())))
         return opt
 
-    monkeypatch.setattr(loop, "build_optimizer", spy)
+    monkeypatch.setattr(common, "build_optimizer", spy)
     for limit in (1e-3, 0.0):
         seen.clear()
         model, method, data, run_cfg = setup({"steps_per_layer": 2, "layers": [3]}, {"max_grad_norm": limit})

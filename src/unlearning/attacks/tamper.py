@@ -219,7 +219,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    curve_path, state_path = folder / "tamper.json", folder / "state.pt"
+    curve_path = folder / "tamper.json"
     cfg.organism = cfg.organism or organism_of(cfg.model)
     name = name or folder.name
     if cfg.organism is None and any(t.startswith("organism_") for t in cfg.tasks):
@@ -318,5 +318,5 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     curve["status"] = "complete"
     atomic_write_json(curve_path, curve)
     if not keep_state:
-        state_path.unlink(missing_ok=True)
+        checkpointer.path.unlink(missing_ok=True)
     return curve

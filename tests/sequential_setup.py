@@ -7,6 +7,7 @@ import torch
 from tests.tiny_models import tiny_model
 from unlearning.core.config import from_dict
 from unlearning.data.text import TokenizedData
+from unlearning.methods import BuildContext
 from unlearning.methods import sequential as seq
 from unlearning.training.loop import StepContext
 from unlearning.runner import RunConfig
@@ -31,7 +32,7 @@ def setup(sequential: dict | None = None, train_cfg: dict | None = None, family:
                                     "sequential": {"steps_per_layer": 2, **(sequential or {})}})
     data = {"forget": make_data(n), "retain": make_data(n, seed=1)}
     model = tiny_model(family, layers=DEPTH)
-    model, method = seq.build(model, None, run_cfg, run_cfg.method_config(), data, CPU)
+    model, method = seq.build(model, context(run_cfg, data), run_cfg.method_config())
     if perturb_lora and method.cfg.finetune == "lora":
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
@@ -40,6 +41,12 @@ def setup(sequential: dict | None = None, train_cfg: dict | None = None, family:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     model.eval()  # LoRA dropout off: forward passes are deterministic unless a test asks otherwise
     return model, method, data, run_cfg
+
+
+def context(run_cfg: RunConfig, data: dict, tokenizer=None) -> BuildContext:
+    """What the runner passes a method's build."""
+    return BuildContext(model_name=run_cfg.model, tokenizer=tokenizer, data=data, device=CPU, train=run_cfg.train,
+                        seed=run_cfg.train.seed, model_dtype=run_cfg.model_dtype)
 
 
 def batch_of(data: TokenizedData, n: int = 4) -> dict:

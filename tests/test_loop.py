@@ -12,6 +12,9 @@ from torch import nn
 
 from unlearning.data.text import BatchStream, TokenizedData
 from unlearning.core.errors import NonFiniteLossError
+from unlearning.core.io import read_jsonl
+from unlearning.core.logs import MetricsLogger
+from unlearning.training.contract import Method as ContractMethod
 from unlearning.training.loop import Checkpointer, LossTerms, Method, Phase, TrainConfig, train
 
 
@@ -32,8 +35,8 @@ class ToyMethod(Method):
     """Phase 0 trains `a`, phase 1 trains `b`; forget pushes outputs up, retain holds them near 0."""
     name = "toy"
 
-    def __init__(self, steps=3, nan_at=None):
-        self.steps, self.nan_at, self.restored = steps, nan_at, None
+    def __init__(self, steps=3, nan_at=None, noisy=False):
+        self.steps, self.nan_at, self.restored, self.noisy = steps, nan_at, None, noisy
 
     def phases(self):
         return [Phase(0, self.steps, layer=1, name="a"), Phase(1, self.steps, layer=0, name="b")]
@@ -49,6 +52,8 @@ class ToyMethod(Method):
         f = model(**{k: batches["forget"][k] for k in ("input_ids", "attention_mask")})
         r = model(**{k: batches["retain"][k] for k in ("input_ids", "attention_mask")})
         forget = -f.mean()
+        if self.noisy:  # draws from torch's global generator, as dropout does
+            forget = forget * (1 + torch.rand(()))
         if self.nan_at is not None and ctx.global_step == self.nan_at:
             forget = forget * float("nan")
         return LossTerms(forget={"forget": forget}, retain={"retain": (r ** 2).mean()},
@@ -162,3 +167,66 @@ def test_two_process_data_parallel_equals_one_process_with_the_global_batch(tmp_
     parallel = torch.load(out)
     for n, p in snapshot(single).items():
         torch.testing.assert_close(parallel[n], p, rtol=1e-5, atol=1e-6)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step):
+    def hook(record):
+        if record["step"] == step:
+            raise Killed
+    return hook
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+@pytest.mark.parametrize("settings", [{"l2sp_coef": 0.5}, {"schedule_scope": "run"},
+                                      {"grad_filter": "same_sign", "checkpoint_every": 1}])
+def test_a_mid_phase_kill_resumes_bit_identically(tmp_path, settings):
+    """Killed by a hook after step 4 (phase 1, step 1), checkpointed at step 4 (checkpoint_every 2):
+    the resumed run ends with exactly the weights and metrics of one that never stopped."""
+    cfg = TrainConfig(**CFG, **{"checkpoint_every": 2, **settings})
+    full = ToyModel()
+    train(full, ToyMethod(noisy=True), streams(), cfg, device=torch.device("cpu"),
+          metrics=MetricsLogger(tmp_path / "full.jsonl"))
+
+    killed = ToyModel()
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(Killed):
+        train(killed, ToyMethod(noisy=True), streams(), cfg, device=torch.device("cpu"), checkpointer=ckpt,
+              metrics=MetricsLogger(tmp_path / "resumed.jsonl"), on_step=kill_at(4))
+    assert ckpt.position().global_step == 4 and ckpt.position().step == 1  # mid-phase
+    resumed = ToyModel()  # a fresh process: base weights, then the checkpoint
+    state = train(resumed, ToyMethod(noisy=True), streams(), cfg, device=torch.device("cpu"), checkpointer=ckpt,
+                  resume=True, metrics=MetricsLogger(tmp_path / "resumed.jsonl"))
+    assert state.global_step == 6
+    for n, p in snapshot(full).items():
+        assert torch.equal(snapshot(resumed)[n], p), n
+    assert without_time(read_jsonl(tmp_path / "resumed.jsonl")) == without_time(read_jsonl(tmp_path / "full.jsonl"))
+
+
+def test_metrics_hold_each_step_once_after_resume(tmp_path):
+    """Steps logged after the checkpoint (3, here) are cut before the resumed run logs them again."""
+    cfg = TrainConfig(**CFG, checkpoint_every=2)
+    ckpt, path = Checkpointer(tmp_path / "ckpt"), tmp_path / "m.jsonl"
+    with pytest.raises(Killed):
+        train(ToyModel(), ToyMethod(), streams(), cfg, device=torch.device("cpu"), checkpointer=ckpt,
+              metrics=MetricsLogger(path), on_step=kill_at(3))
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3] and ckpt.position().global_step == 2
+    train(ToyModel(), ToyMethod(), streams(), cfg, device=torch.device("cpu"), checkpointer=ckpt, resume=True,
+          metrics=MetricsLogger(path))
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_method_contract_declares_every_hook_with_defaults():
+    with pytest.raises(TypeError):  # phases, begin_phase and losses are required
+        type("Partial", (ContractMethod,), {"phases": lambda self: []})()
+    method = ToyMethod()
+    assert method.train_summary is None and method.save_name is None
+    assert method.checkpoint_due(1) is False and method.state_dict() == {}
+    method.on_step({"step": 1})
+    method.end_phase(None, method.phases()[0])

@@ -17,29 +17,45 @@ from unlearning.methods.representation import (RepresentationConfig, coefficient
                                                training_steps)
 from unlearning.training.trainable import layer_parameters, prepare_trainable
 from unlearning.model.originals import original_model
+from unlearning.methods import BuildContext
 from unlearning.runner import RunConfig
 
 
 # ----------------------------------------------------------------------------------------------- schedules
 
 def test_notebook_schedule_ramps_retain_up_and_forget_down_to_three_quarters():
-    T = 32
-    assert coefficients("notebook", 0, T, 5, 10) == (0.0, 10.0)
-    r, f = coefficients("notebook", 16, T, 5, 10)
-    assert r == pytest.approx(2.5) and f == pytest.approx(10 * (1 - 0.25 * 0.5))
-    assert coefficients("notebook", T, T, 5, 10) == pytest.approx((5.0, 7.5))
+    T = 32  # coefficients(schedule, step, total, retain_coef, remove_coef) -> (forget, retain)
+    assert coefficients("notebook", 0, T, 5, 10) == (10.0, 0.0)
+    c = coefficients("notebook", 16, T, 5, 10)
+    assert c.retain == pytest.approx(2.5) and c.forget == pytest.approx(10 * (1 - 0.25 * 0.5))
+    assert coefficients("notebook", T, T, 5, 10) == pytest.approx((7.5, 5.0))
     # holds after the ramp; a shorter ramp reaches the end earlier
-    assert coefficients("notebook", 3 * T, T, 5, 10) == pytest.approx((5.0, 7.5))
+    assert coefficients("notebook", 3 * T, T, 5, 10) == pytest.approx((7.5, 5.0))
     assert coefficients("notebook", 8, T, 5, 10, ramp_steps=8, forget_end_fraction=0.5) == pytest.approx((5, 5))
 
 
 def test_circuit_breaker_schedule():
     T = 100
-    assert coefficients("circuit_breaker", 0, T, 4, 8) == (0.0, 8.0)
-    r, f = coefficients("circuit_breaker", 50, T, 4, 8)
-    assert r == pytest.approx(4 * 50 / 200) and f == pytest.approx(8 * (1 - 50 / 200))
-    assert coefficients("circuit_breaker", T, T, 4, 8) == pytest.approx((2.0, 4.0))
-    assert coefficients("constant", 7, T, 4, 8) == (4, 8)
+    assert coefficients("circuit_breaker", 0, T, 4, 8) == (8.0, 0.0)
+    c = coefficients("circuit_breaker", 50, T, 4, 8)
+    assert c.retain == pytest.approx(4 * 50 / 200) and c.forget == pytest.approx(8 * (1 - 50 / 200))
+    assert coefficients("circuit_breaker", T, T, 4, 8) == pytest.approx((4.0, 2.0))
+    assert coefficients("constant", 7, T, 4, 8) == (8, 4)
+
+
+def test_both_families_return_forget_then_retain_and_share_defaults_and_rounding():
+    from tests.sequential_setup import ctx_for, setup
+    from unlearning.methods import representation, sequential
+    from unlearning.methods.shared import Coefficients
+    _, method, _, _ = setup({"remove_coef": 8.0, "retain_coef": 4.0, "retain_ramp_start": 0.0})
+    seq_c = method.coefficients(ctx_for(method))
+    rep_c = coefficients("notebook", 0, 10, 4.0, 8.0)
+    assert isinstance(seq_c, Coefficients) and isinstance(rep_c, Coefficients)
+    assert (seq_c.forget, seq_c.retain) == (8.0, 0.0) == (rep_c.forget, rep_c.retain)
+    assert sequential.DEFAULT_RETAIN_LAYERS is representation.DEFAULT_TARGET_LAYERS
+    # 10 examples, 4 per step, one epoch: both round 2.5 steps up to 3
+    assert sequential.base_steps(sequential.Config(epochs_per_layer=1.0), 10, 4, 1) == 3
+    assert representation.training_steps(RepresentationConfig(epochs=1.0), 10, 4, 1) == 3
 
 
 def test_retain_kl_loss_flag_selects_kl_and_conflicts_with_nll():
@@ -134,6 +150,11 @@ def _run_cfg(**method: dict) -> RunConfig:
     return cfg
 
 
+def _build_ctx(run_cfg: RunConfig, data: dict, tokenizer=None) -> BuildContext:
+    return BuildContext(model_name=run_cfg.model, tokenizer=tokenizer, data=data, device=torch.device("cpu"),
+                        train=run_cfg.train, seed=run_cfg.train.seed, model_dtype=run_cfg.model_dtype)
+
+
 def _batches(data: TokenizedData, rows: slice) -> dict[str, torch.Tensor]:
     return data.rows(torch.arange(data.input_ids.shape[0])[rows])
 
@@ -147,14 +168,15 @@ def test_circuit_breaker_losses_at_the_start_are_one_and_zero():
     model = tiny_model("gpt_neox", layers=4)
     data = {"forget": _data(seed=1), "retain": _data(seed=2)}
     cfg = from_dict(circuit_breaker.Config, {"target_layers": [1, 3], "steps": 4, "orth_coef": 0.5})
-    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    model, method = circuit_breaker.build(model, _build_ctx(_run_cfg(), data), cfg)
     batches = {"forget": _batches(data["forget"], slice(0, 4)), "retain": _batches(data["retain"], slice(0, 4))}
     terms = method.losses(model, batches, _ctx(method))
     # LoRA B starts at zero: current == original, so cos = 1, the L2 distance 0, both arg-maxes agree
     assert terms.logs["cb_loss"] == pytest.approx(1.0, abs=1e-5)
     assert terms.logs["retain_l2_loss"] == pytest.approx(0.0, abs=1e-5)
     assert terms.logs["retain_acc"] == 1.0 and terms.logs["forget_acc"] == 1.0
-    assert (terms.logs["retain_coef"], terms.logs["remove_coef"]) == (0.0, 5.0)
+    assert (terms.logs["forget_coef"], terms.logs["retain_coef"]) == (5.0, 0.0)
+    assert terms.logs["forget_loss"] == terms.logs["cb_loss"]  # the shared name beside the notebook's
     assert 0.0 <= terms.logs["orth_loss"] <= 1.0
     assert set(terms.forget) == {"cb", "orth"} and set(terms.retain) == {"retain_l2"}
     assert terms.forget["cb"].requires_grad
@@ -165,7 +187,7 @@ def test_forget_pass_stops_after_the_deepest_target_layer():
     data = {"forget": _data(seed=1), "retain": _data(seed=2)}
     cfg = from_dict(circuit_breaker.Config, {"target_layers": [1], "steps": 4, "metrics_every": 1000,
                                              "summary_step": 1000, "retain_loss": "mse"})
-    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    model, method = circuit_breaker.build(model, _build_ctx(_run_cfg(), data), cfg)
     ran = []
     for i, layer in enumerate(get_parts(model).layers):
         layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
@@ -217,12 +239,12 @@ def test_rmu_trains_only_the_mlps_of_the_three_layers_up_to_l():
     data = {"forget": _data(seed=1), "retain": _data(seed=2)}
     cfg = from_dict(rmu.Config, {"layer": 3, "steps": 3, "steering_coef": 5.0})
     run_cfg = _run_cfg()
-    model, method = rmu.build(model, None, run_cfg, cfg, data, torch.device("cpu"))
+    model, method = rmu.build(model, _build_ctx(run_cfg, data), cfg)
     assert method.control.norm().item() == pytest.approx(5.0, rel=1e-5)
     streams = {k: BatchStream(v, 4, seed=i) for i, (k, v) in enumerate(data.items())}
     records = []
     train(model, method, streams, run_cfg.train, device=torch.device("cpu"),
-          on_step=lambda r: (records.append(r), method.on_step(r)))
+          on_step=records.append)  # the loop calls method.on_step itself
     for n, p in model.named_parameters():
         moved = not torch.equal(p, before[n])
         should = ".mlp." in n and any(f"layers.{i}." in n for i in (1, 2, 3))
@@ -237,7 +259,7 @@ def test_retain_losses_by_kind_at_the_start(kind):
     model = tiny_model("gpt_neox", layers=4)
     data = {"forget": _data(seed=1), "retain": _data(seed=2)}
     cfg = from_dict(circuit_breaker.Config, {"target_layers": [2, 3], "steps": 2, "retain_loss": kind})
-    model, method = circuit_breaker.build(model, None, _run_cfg(), cfg, data, torch.device("cpu"))
+    model, method = circuit_breaker.build(model, _build_ctx(_run_cfg(), data), cfg)
     batch = _batches(data["retain"], slice(0, 4))
     loss, logs = method.retain_losses(model, batch, want_acc=True)
     if kind == "nll":  # a random model: about log(vocab)
@@ -273,8 +295,7 @@ def test_lora_b_noise_breaks_the_symmetry_of_the_circuit_breaker_loss():
     for std in (0.0, 1e-3):
         torch.manual_seed(0)
         cfg = from_dict(circuit_breaker.Config, {"target_layers": [1, 3], "steps": 4, "lora": {"init_b_std": std}})
-        model, method = circuit_breaker.build(tiny_model("gpt_neox", layers=4), None, _run_cfg(), cfg, data,
-                                              torch.device("cpu"))
+        model, method = circuit_breaker.build(tiny_model("gpt_neox", layers=4), _build_ctx(_run_cfg(), data), cfg)
         named = method.begin_phase(model, method.phases()[0])
         terms = method.losses(model, batches, _ctx(method))
         terms.forget["cb"].backward()

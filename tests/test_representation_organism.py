@@ -10,6 +10,7 @@ import torch
 
 from unlearning.core.config import from_dict, merge, read_yaml
 from unlearning.core.io import read_jsonl
+from unlearning.methods import BuildContext
 from unlearning.runner import RunConfig, load_run_config, prepare_data, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "unlearning" / "configs"
@@ -40,8 +41,8 @@ def test_checkpoint_transfer_end_to_end(tiny_organism, tmp_path):
         "checkpoint_transfer_kl.yaml", tmp_path, "ct", "--checkpoint_transfer.steps", "4",
         "--checkpoint_transfer.summary_step", "3", "--save.models_dir", str(tmp_path / "models"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    _finite(records, ["retain_kl_loss", "cb_loss", "retain_acc", "forget_acc", "retain_coef", "remove_coef", "lr"])
-    assert records[0]["retain_coef"] == 0.0 and records[0]["remove_coef"] == 5.0  # the notebook's ramp
+    _finite(records, ["retain_kl_loss", "cb_loss", "retain_acc", "forget_acc", "retain_coef", "forget_coef", "lr"])
+    assert records[0]["retain_coef"] == 0.0 and records[0]["forget_coef"] == 5.0  # the notebook's ramp
     assert results["train_summary"]["step"] == 3
     assert results["train_summary"]["cb_loss"] == records[2]["cb_loss"]
     assert set(results["after"]) == {"organism_hazard_cloze", "organism_general_cloze"}
@@ -54,7 +55,7 @@ def test_checkpoint_transfer_end_to_end(tiny_organism, tmp_path):
 def test_circuit_breaker_end_to_end(tiny_organism, tmp_path):
     results, records, _ = _quick_run("circuit_breaker.yaml", tmp_path, "cb", "--circuit_breaker.steps", "3",
                                      "--circuit_breaker.orth_coef", "0.1", "--circuit_breaker.metrics_every", "2")
-    _finite(records, ["retain_l2_loss", "cb_loss", "orth_loss", "retain_coef", "remove_coef"])
+    _finite(records, ["retain_l2_loss", "cb_loss", "orth_loss", "retain_coef", "forget_coef"])
     assert [("retain_acc" in r) for r in records] == [False, True, True]  # every 2nd step, and the last
     assert records[0]["cb_loss"] == pytest.approx(1.0, abs=1e-4)  # unchanged representations
     assert results["train_summary"]["step"] == 3  # summary_step 32 > 3 steps: the last step
@@ -64,7 +65,7 @@ def test_circuit_breaker_end_to_end(tiny_organism, tmp_path):
 def test_rmu_end_to_end(tiny_organism, tmp_path):
     results, records, _ = _quick_run("rmu.yaml", tmp_path, "rmu", "--rmu.steps", "3", "--rmu.steering_relative",
                                      "true", "--rmu.steering_coef", "2")
-    _finite(records, ["forget_loss", "retain_mse_loss", "retain_coef", "remove_coef"])
+    _finite(records, ["forget_loss", "retain_mse_loss", "retain_coef", "forget_coef"])
     _finite(records[-1:], ["retain_acc", "forget_acc"])  # RMU: every 10th step and the last
     assert "retain_acc" not in records[0]
     assert results["train_summary"]["step"] == 3 and "after" in results
@@ -82,7 +83,9 @@ def test_lora_methods_change_only_adapter_parameters(tiny_organism, method):
     cfg.data.seq_len, cfg.data.num_train_examples = 64, 16
     data = prepare_data(cfg, tok, "tiny")
     mcfg = from_dict(method_module(method).Config, {"steps": 2, "target_layers": [1, 3]})
-    model, m = method_module(method).build(model, tok, cfg, mcfg, data, torch.device("cpu"))
+    ctx = BuildContext(model_name=cfg.model, tokenizer=tok, data=data, device=torch.device("cpu"), train=cfg.train,
+                       seed=cfg.train.seed, model_dtype=cfg.model_dtype)
+    model, m = method_module(method).build(model, ctx, mcfg)
     streams = {k: BatchStream(v, 4, seed=i) for i, (k, v) in enumerate(data.items())}
     train(model.train(), m, streams, cfg.train, device=torch.device("cpu"))
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -118,8 +121,9 @@ def test_grid_first_observation_higher_retain_coef_gives_lower_kl_and_higher_ret
         seed_everything(0)
         model, tok = load_model("organism:tiny", device="cpu")
         data = prepare_data(cfg, tok, "tiny")
-        model, method = checkpoint_transfer.build(model, tok, cfg, from_dict(checkpoint_transfer.Config, mcfg),
-                                                  data, torch.device("cpu"))
+        ctx = BuildContext(model_name=cfg.model, tokenizer=tok, data=data, device=torch.device("cpu"),
+                           train=cfg.train, seed=cfg.train.seed, model_dtype=cfg.model_dtype)
+        model, method = checkpoint_transfer.build(model, ctx, from_dict(checkpoint_transfer.Config, mcfg))
         streams = {k: BatchStream(v, cfg.train.batch_size, seed=i) for i, (k, v) in enumerate(data.items())}
         records: list[dict] = []
         train(model.train(), method, streams, cfg.train, device=torch.device("cpu"), on_step=records.append)

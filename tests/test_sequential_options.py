@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.sequential_setup import CPU, DEPTH, batch_of, ctx_for, make_data, setup
+from tests.sequential_setup import CPU, DEPTH, batch_of, context, ctx_for, make_data, setup
 from tests.tiny_models import tiny_model
 from unlearning.core.config import from_dict
 from unlearning.data.text import BatchStream
@@ -133,8 +133,8 @@ def test_mask_from_the_config_is_applied_at_build_and_changes_the_forget_loss():
                                                    "mask": {"kind": "keyword", "keywords": [r"\bw[1-2]\d\b"],
                                                             "cache": False}}})
     data = {"forget": make_data(), "retain": make_data(seed=1)}
-    model, method = seq.build(tiny_model("gpt_neox", layers=DEPTH), tiny_tokenizer(), run_cfg,
-                              run_cfg.method_config(), data, CPU)
+    model, method = seq.build(tiny_model("gpt_neox", layers=DEPTH), context(run_cfg, data, tiny_tokenizer()),
+                              run_cfg.method_config())
     mask = data["forget"].loss_mask
     ids = data["forget"].input_ids
     assert torch.equal(mask, (ids >= 10) & (ids <= 29) & data["forget"].attention_mask.bool())

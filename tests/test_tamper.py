@@ -117,6 +117,76 @@ def test_killed_attack_resumes_to_the_same_curve(local_setup, tmp_path, lora_ran
         assert a[:3] == pytest.approx(b[:3], abs=1e-6)
 
 
+def trained_tensors(folder):
+    return torch.load(folder / "state.pt", weights_only=True)["trainable"]
+
+
+def test_a_killed_attack_resumes_bit_identically(local_setup, tmp_path):
+    """Killed after its step-2 evaluation (mid-phase for the loop), resumed: the weights, every train
+    loss and every evaluation equal the uninterrupted attack's exactly."""
+    cfg = lambda: local_config(local_setup, steps=6)  # noqa: E731
+    whole = run_attack(cfg(), tmp_path / "whole", keep_state=True)
+
+    def kill_after_step_2(point):
+        if point["step"] == 2:
+            raise Killed
+    with pytest.raises(Killed):
+        run_attack(cfg(), tmp_path / "killed", on_eval=kill_after_step_2)
+    resumed = run_attack(cfg(), tmp_path / "killed", resume=True, keep_state=True)
+    assert resumed["train_losses"] == whole["train_losses"]
+    assert curve_values(resumed) == curve_values(whole)
+    a, b = trained_tensors(tmp_path / "whole"), trained_tensors(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_an_attack_step_is_the_shared_loop_step_of_a_plain_nll_method(local_setup, tmp_path, monkeypatch):
+    """The attack trains through the shared loop: with gradient accumulation 2 and an L2-SP setting
+    added to its loop settings, its weights after 2 steps equal, exactly, those of the loop training a
+    toy method with the same next-token loss on the same model and batches; and L2-SP did change them."""
+    import dataclasses
+
+    from unlearning.core.runtime import seed_everything
+    from unlearning.data.text import BatchStream, load_texts, tokenize
+    from unlearning.model.loading import load_model
+    from unlearning.training.contract import LossTerms, Method, Phase
+    from unlearning.training.loop import TrainConfig, train
+
+    cfg = lambda: local_config(local_setup, steps=2, eval_every=2, grad_accum=2)  # noqa: E731
+    real = tamper.train_config
+    run_attack(cfg(), tmp_path / "plain", keep_state=True)
+    monkeypatch.setattr(tamper, "train_config", lambda c: dataclasses.replace(real(c), l2sp_coef=50.0))
+    run_attack(cfg(), tmp_path / "l2sp", keep_state=True)
+    plain, attacked = trained_tensors(tmp_path / "plain"), trained_tensors(tmp_path / "l2sp")
+    assert any(not torch.equal(plain[n], attacked[n]) for n in plain)  # the loop setting reached the attack
+
+    class NLL(Method):
+        name = "nll"
+
+        def phases(self):
+            return [Phase(0, 2)]
+
+        def begin_phase(self, model, phase):
+            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+        def losses(self, model, batches, ctx):
+            b = batches["text"]
+            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
+            return LossTerms(retain={"nll": out.loss})
+
+    c = cfg()
+    seed_everything(c.seed)
+    model, tok = load_model(c.model, dtype=torch.float32, device="cpu")
+    data = tokenize(load_texts(c.data)[: c.examples], tok, c.seq_len, source=c.data.source)
+    train(model.train(), NLL(), {"text": BatchStream(data, c.batch_size, seed=c.seed)},
+          TrainConfig(optimizer=c.optimizer, batch_size=c.batch_size, grad_accum=2, max_grad_norm=c.max_grad_norm,
+                      dtype="fp32", l2sp_coef=50.0), device=torch.device("cpu"))
+    params = dict(model.named_parameters())
+    assert attacked.keys() == params.keys()
+    for n, t in attacked.items():
+        assert torch.equal(params[n].detach(), t), n
+
+
 def test_resume_refuses_a_changed_recipe(local_setup, tmp_path):
     with pytest.raises(Killed):
         run_attack(local_config(local_setup), tmp_path / "a", on_eval=lambda p: (_ for _ in ()).throw(Killed))

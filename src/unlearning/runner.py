@@ -18,7 +18,7 @@ import torch
 
 from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
-from unlearning.methods import METHODS, method_module
+from unlearning.methods import METHODS, BuildContext, method_module
 from unlearning.training.loop import Checkpointer, TrainConfig, train
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
@@ -178,7 +178,9 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
 
     data = prepare_data(cfg, tokenizer, organism)
     module = method_module(cfg.method)
-    model, method = module.build(model, tokenizer, cfg, mcfg, data, device)
+    model, method = module.build(model, BuildContext(model_name=model_name, tokenizer=tokenizer, data=data,
+                                                     device=device, train=cfg.train, seed=cfg.train.seed,
+                                                     model_dtype=cfg.model_dtype), mcfg)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
@@ -191,10 +193,9 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
                                     tensorboard_dir=rundir.file("tensorboard") if cfg.logging.tensorboard else None)
     model.train()
     train(model, method, streams, cfg.train, device=device, metrics=metrics,
-          checkpointer=Checkpointer(rundir.file("checkpoint")), resume=resume,
-          on_step=getattr(method, "on_step", None))
+          checkpointer=Checkpointer(rundir.file("checkpoint")), resume=resume)
     metrics.close()
-    if getattr(method, "train_summary", None):  # a method's training metrics at its summary step
+    if method.train_summary:  # a method's training metrics at its summary step
         results["train_summary"] = method.train_summary
     model.eval()
     barrier()
@@ -203,7 +204,7 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             model = save_model(model, tokenizer, rundir.file("model"),
                                rundir.file("adapter") if cfg.save.adapter else None)
             if cfg.save.models_dir:
-                dest = Path(cfg.save.models_dir) / getattr(method, "save_name", name)
+                dest = Path(cfg.save.models_dir) / (method.save_name or name)
                 shutil.copytree(rundir.file("model"), dest, dirs_exist_ok=True)
                 if cfg.save.adapter and rundir.file("adapter").exists():
                     shutil.copytree(rundir.file("adapter"), dest / "adapter", dirs_exist_ok=True)

@@ -12,33 +12,44 @@ Precision: the weights and the optimizer state stay fp32 whatever ``dtype`` is; 
 compute precision of the forward/backward (autocast; a GradScaler for fp16), so a dtype sweep
 changes only that. Evaluation runs as a plain :func:`unlearning.evaluation.evaluate` of the model.
 
+Training goes through the shared loop (:func:`unlearning.training.loop.train`): the attack is a
+:class:`TamperMethod` (a plain next-token loss, one phase) and its recipe maps onto the loop's
+:class:`~unlearning.training.loop.TrainConfig` (:func:`train_config`), so accumulation, precision,
+clipping and checkpoints are the ones every unlearning method uses.
+
 The attack's curve goes to ``tamper.json``, written atomically after every evaluation (its format,
 reading and summary numbers: :mod:`unlearning.attacks.curves`). An evaluation that fails is a point
 with ``"error"`` (and the attack's status ``failed``), never a number. Beside it, ``state.pt``
-(trainable weights, optimizer, scheduler, scaler, data position, RNG) is replaced atomically at
-each evaluation, so ``resume=True`` continues a killed attack.
+(the loop's checkpoint: trainable weights, optimizer, scheduler, scaler, data position, RNG) is
+replaced atomically at each evaluation step, so ``resume=True`` continues a killed attack.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
+import yaml
+from torch import nn
 
+from unlearning import evaluation  # looked up at call time, so a test can stand in for evaluate
+from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
 from unlearning.core.config import ConfigError, param, to_dict
-from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
 from unlearning.core.errors import NonFiniteLossError
 from unlearning.core.io import atomic_write_json
-from unlearning.training.optim import OptimizerConfig, build_optimizer, build_scheduler
-from unlearning.core.runtime import autocast, resolve_device, resolve_dtype, seed_everything
-from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
+from unlearning.core.runtime import resolve_device, resolve_dtype, seed_everything
+from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
+from unlearning.model.loading import load_model
+from unlearning.training.checkpoint import Checkpointer, load_tensors
+from unlearning.training.contract import LossTerms, Method, Phase, StepContext
+from unlearning.training.loop import TrainConfig, train
+from unlearning.training.optim import OptimizerConfig
+from unlearning.training.trainable import LoraSettings, add_lora
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +105,6 @@ def organism_of(model: str) -> str | None:
         return model.split(":", 1)[1].split("@", 1)[0].removesuffix("-filtered")
     config = Path(model) / "config.yaml"
     if config.is_file():
-        import yaml
         inner = (yaml.safe_load(config.read_text()) or {}).get("model")
         if isinstance(inner, str) and inner != model:
             return organism_of(inner)
@@ -113,10 +123,9 @@ def short_model_name(model: str) -> str:
 
 def evaluation_point(model: Any, tokenizer: Any, cfg: AttackConfig, device: torch.device) -> dict[str, Any]:
     """``{"eval": {...}}``, or ``{"error": ...}`` when the evaluation raises or returns a non-number."""
-    from unlearning.evaluation import evaluate, get_tasks
     try:
-        tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
-        results = compact_eval(evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size,
+        tasks = evaluation.get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
+        results = compact_eval(evaluation.evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size,
                                         device=device, limit=cfg.eval_limit))
         for task in cfg.tasks:
             acc = results.get(task, {}).get("acc")
@@ -134,11 +143,16 @@ def eval_steps(steps: int, every: int) -> list[int]:
     return sorted({0, steps, *range(every, steps + 1, every)})
 
 
-def apply_lora(model: Any, cfg: AttackConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+def train_config(cfg: AttackConfig) -> TrainConfig:
+    """The attack's recipe as the shared loop's settings (one phase of ``cfg.steps`` steps)."""
+    return TrainConfig(optimizer=cfg.optimizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                       max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, seed=cfg.seed)
+
+
+def lora_settings(cfg: AttackConfig) -> LoraSettings:
+    """``--lora RANK``: adapters on every Linear module of every decoder layer, no dropout."""
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
-    return get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
-                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    return LoraSettings(r=cfg.lora_rank, alpha=alpha, dropout=0.0, layers=None, modules=[])
 
 
 def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,35 +161,36 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
 
 
-def save_state(path: Path, step: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
-               stream: BatchStream) -> None:
-    """Trainable weights + optimizer/scheduler/scaler + data position + RNG, replaced atomically."""
-    state = {"step": step,
-             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None,
-             "stream": stream.state_dict(), "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class TamperMethod(Method):
+    """The attack as the loop trains it: one phase of next-token loss on the ``attack`` stream,
+    every trainable parameter in it; a checkpoint, then ``after_step``, at each evaluation step."""
+
+    def __init__(self, name: str, steps: int, eval_at: list[int],
+                 after_step: Callable[[dict[str, Any]], None] | None = None):
+        self.name = f"tamper {name}"
+        self.steps, self.eval_at, self.after_step = steps, set(eval_at), after_step
+
+    def phases(self) -> list[Phase]:
+        return [Phase(index=0, steps=self.steps, name="tamper")]
+
+    def begin_phase(self, model: nn.Module, phase: Phase) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def losses(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]],
+               ctx: StepContext) -> LossTerms:
+        loss = lm_loss(model, batches["attack"]).float()
+        return LossTerms(retain={"nll": loss}, logs={"nll_loss": loss.detach()})
+
+    def checkpoint_due(self, global_step: int) -> bool:
+        return global_step in self.eval_at
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        if self.after_step is not None:
+            self.after_step(record)
 
 
-def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, stream: BatchStream) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    stream.load_state_dict(state["stream"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+class _Stop(Exception):
+    """Raised from the step hook when an evaluation failed: the attack ends there (status failed)."""
 
 
 def new_curve(cfg: AttackConfig, name: str, references: dict[str, Any] | None) -> dict[str, Any]:
@@ -202,10 +217,9 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     reuse it). ``on_eval(point)`` is called after each evaluation is on disk. A non-finite loss or
     a failed evaluation ends the attack with status ``failed``.
     """
-    from unlearning.model.loading import load_model
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    curve_path, state_path = folder / "tamper.json", folder / "state.pt"
+    curve_path = folder / "tamper.json"
     cfg.organism = cfg.organism or organism_of(cfg.model)
     name = name or folder.name
     if cfg.organism is None and any(t.startswith("organism_") for t in cfg.tasks):
@@ -233,19 +247,16 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     # fp32 master weights whatever the compute precision: autocast casts per operation.
     model, tokenizer = load_model(cfg.model, revision=cfg.revision, dtype=torch.float32, device=str(device))
     if cfg.lora_rank > 0:
-        model = apply_lora(model, cfg)
+        model = add_lora(model, lora_settings(cfg))
     data = tokenize(records, tokenizer, cfg.seq_len, source=cfg.data.source)
     log.info(describe_schedule(f"{name}: tamper data {cfg.data.source}", len(data), cfg.steps,
                                cfg.batch_size, cfg.grad_accum))
     stream = BatchStream(data, cfg.batch_size, seed=cfg.seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.steps, cfg.optimizer)
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+    checkpointer = Checkpointer(folder)  # state.pt, replaced at each evaluation step by the loop
 
     start = 0
-    if resume and state_path.exists():
-        start = load_state(state_path, model, optimizer, scheduler, scaler, stream)
+    if resume and checkpointer.exists():
+        start = checkpointer.position().global_step
         log.info("%s: resuming at step %d", name, start)
     # Points after the saved state (written just before a kill) are recomputed identically, and a
     # failed evaluation is tried again.
@@ -255,13 +266,13 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     last_lr: float | None = None
 
     def record(step: int, point: dict[str, Any]) -> bool:
+        """Add an evaluation point to the curve on disk (the loop has saved the state of ``step`` first:
+        a curve point never refers to a state that is not on disk)."""
         since = [p["step"] for p in curve["points"]]
         prev = max(since) if since else 0
         window = curve["train_losses"][prev:step]
         point = {"step": step, "train_loss": sum(window) / len(window) if window else None,
                  "lr": last_lr if step > 0 else None, **point}
-        if step > 0:  # the state first: a curve point never refers to a state that is not on disk
-            save_state(state_path, step, model, optimizer, scheduler, scaler, stream)
         curve["points"].append(point)
         if "error" in point:
             curve.update(status="failed", error=f"evaluation at step {step} failed: {point['error']}")
@@ -274,55 +285,38 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
             on_eval(point)
         return "error" not in point
 
+    def after_step(rec: dict[str, Any]) -> None:
+        nonlocal last_lr
+        curve["train_losses"].append(rec["nll_term"])  # the step's mean over its micro-batches
+        last_lr = rec["lr"]  # the rate this step used (first group: Muon's under muon)
+        if rec["step"] in checkpoints:
+            model.eval()
+            ok = record(rec["step"], evaluation_point(model, tokenizer, cfg, device))
+            model.train()
+            if not ok:
+                raise _Stop
+
     if not curve["points"]:
         if not record(0, dict(step0) if step0 is not None else evaluation_point(model, tokenizer, cfg, device)):
             return curve
     elif curve["points"][-1]["step"] < start:  # the evaluation at the resumption step had failed
+        load_tensors(model, checkpointer.load()["trainable"])  # the weights of that step, to evaluate
         if not record(start, evaluation_point(model, tokenizer, cfg, device)):
             return curve
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"tamper {name}", dynamic_ncols=True)
     model.train()
+    method = TamperMethod(name, cfg.steps, checkpoints, after_step)
     try:
-        for step in range(start, cfg.steps):
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(stream).items() if k != "hazard_labels"}
-                with autocast(device, compute_dtype):
-                    loss = lm_loss(model, batch).float() / cfg.grad_accum
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"{name}: the training loss is {loss.item()} at step {step + 1}; "
-                                             f"lower the learning rate or use bf16/fp32")
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.item()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm or math.inf)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve["train_losses"].append(loss_sum)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3g}", refresh=False)
-            if step + 1 in checkpoints:
-                model.eval()
-                ok = record(step + 1, evaluation_point(model, tokenizer, cfg, device))
-                model.train()
-                if not ok:
-                    return curve
-    except NonFiniteLossError as e:
-        curve.update(status="failed", error=str(e))
-        atomic_write_json(curve_path, curve)
-        log.error("%s", e)
+        train(model, method, {"attack": stream}, train_config(cfg), device=device, checkpointer=checkpointer,
+              resume=start > 0)
+    except _Stop:
         return curve
-    finally:
-        bar.close()
+    except NonFiniteLossError as e:
+        curve.update(status="failed", error=f"{name}: {e}")
+        atomic_write_json(curve_path, curve)
+        log.error("%s", curve["error"])
+        return curve
     curve["status"] = "complete"
     atomic_write_json(curve_path, curve)
     if not keep_state:
-        state_path.unlink(missing_ok=True)
+        checkpointer.path.unlink(missing_ok=True)
     return curve

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.io import append_jsonl
+from unlearning.core.io import append_jsonl, atomic_write_text, dumps_json, read_jsonl
 
 log = logging.getLogger("unlearning")
 
@@ -79,6 +79,14 @@ class MetricsLogger:
             for k, v in numeric.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, rec.get("step", 0))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step``, atomically: a resumed run logs them again, so
+        each step appears once."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(dumps_json(r, indent=None) + "\n" for r in kept))
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -1,11 +1,28 @@
-"""Unlearning methods. Each module exposes ``Config`` (its section of the run config) and
-``build(model, tokenizer, run_cfg, method_cfg, data) -> common.Method``.
+"""Unlearning methods and the registry the runner picks them from.
+
+The contract each module in :data:`METHODS` fulfils:
+
+- ``Config``: a dataclass, its section of the run config (``<method>:``);
+- ``build(model, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, Method]``: set the method up
+  (target layers, masks, LoRA or full fine-tuning, steps) and return the model to train (e.g.
+  wrapped in adapters) and a :class:`unlearning.training.contract.Method`, whose hooks (phases,
+  begin_phase, losses, end_phase, restore, on_step, checkpoint_due, state_dict / load_state_dict,
+  train_summary, save_name) the shared loop and the runner call. A method never sees the run
+  config: what it needs of the run is in :class:`BuildContext`.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
+
+import torch
+
+from unlearning.core.config import ConfigError
+from unlearning.data.text import TokenizedData
+from unlearning.training.loop import TrainConfig
 
 METHODS = {
     "sequential": "unlearning.methods.sequential",
@@ -15,8 +32,19 @@ METHODS = {
 }
 
 
+@dataclass
+class BuildContext:
+    """What a method's ``build`` gets from the run."""
+    model_name: str                    # resolved (no "auto"): masks and teachers are found from it
+    tokenizer: Any
+    data: dict[str, TokenizedData]     # "forget", "retain"; a mask adds ``loss_mask`` to the forget rows
+    device: torch.device
+    train: TrainConfig                 # batch size and accumulation turn epochs into steps
+    seed: int = 0
+    model_dtype: str = "fp32"          # the precision the weights are held in (a teacher loads the same way)
+
+
 def method_module(name: str) -> ModuleType:
-    from unlearning.core.config import ConfigError
     if name not in METHODS:
         raise ConfigError(f"method: {name!r} is not known; choose one of {', '.join(METHODS)}")
     return importlib.import_module(METHODS[name])

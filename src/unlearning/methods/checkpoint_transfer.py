@@ -34,7 +34,11 @@ from torch import Tensor, nn
 from unlearning.training import losses
 from unlearning.core.config import ConfigError, param
 from unlearning.model.layers import get_parts
-from unlearning.training.loop import Phase
+from unlearning.methods import BuildContext
+from unlearning.model.affine import load_affine
+from unlearning.model.loading import load_model
+from unlearning.core.runtime import resolve_dtype
+from unlearning.training.contract import Phase
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
@@ -98,7 +102,11 @@ class CheckpointTransfer(RepresentationMethod):
         self.teacher = teacher
         self.layers = layers
         self.affine = affine or {}
-        self.save_name = ""
+        self._save_name: str | None = None
+
+    @property
+    def save_name(self) -> str | None:
+        return self._save_name
 
     def teacher_hidden(self, batch: dict[str, Tensor], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         with torch.inference_mode():
@@ -121,12 +129,10 @@ class CheckpointTransfer(RepresentationMethod):
         return loss, {}, logs
 
 
-def load_teacher(cfg: Config, run_cfg: Any, model: nn.Module, device: torch.device) -> nn.Module:
-    from unlearning.model.loading import load_model
-    from unlearning.runner import resolved_model_name
-    from unlearning.core.runtime import resolve_dtype
-    name, revision = resolve_teacher(resolved_model_name(run_cfg.model), cfg.checkpoint, cfg.checkpoint_revision)
-    dtype = resolve_dtype(run_cfg.model_dtype, device) if run_cfg.model_dtype != "auto" else "auto"
+def load_teacher(cfg: Config, ctx: BuildContext, model: nn.Module) -> nn.Module:
+    device = ctx.device
+    name, revision = resolve_teacher(ctx.model_name, cfg.checkpoint, cfg.checkpoint_revision)
+    dtype = resolve_dtype(ctx.model_dtype, device) if ctx.model_dtype != "auto" else "auto"
     log.info("teacher: %s%s", name, f" @ {revision}" if revision else "")
     teacher, _ = load_model(name, revision=revision, dtype=dtype, device=str(device))
     teacher.eval().requires_grad_(False)
@@ -137,34 +143,31 @@ def load_teacher(cfg: Config, run_cfg: Any, model: nn.Module, device: torch.devi
     return teacher
 
 
-def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dict[str, Any],
-          device: torch.device) -> tuple[nn.Module, CheckpointTransfer]:
-    from unlearning.runner import resolved_model_name
+def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, CheckpointTransfer]:
     depth = len(get_parts(model).layers)
     layers = resolve_target_layers(cfg.target_layers, depth)
-    teacher = load_teacher(cfg, run_cfg, model, device)
+    teacher = load_teacher(cfg, ctx, model)
     resolve_target_layers(layers, len(get_parts(teacher).layers), field="target_layers (in the teacher)")
     affine = None
     if cfg.affine:
-        from unlearning.model.affine import load_affine
-        affine = load_affine(Path(cfg.affine), layers, device=device)
+        affine = load_affine(Path(cfg.affine), layers, device=ctx.device)
     else:
         t_hidden = getattr(get_parts(teacher).model.config, "hidden_size", None)
         m_hidden = getattr(get_parts(model).model.config, "hidden_size", None)
         if t_hidden != m_hidden:
             raise ConfigError(f"checkpoint_transfer.affine: the teacher's hidden size {t_hidden} differs from the "
                               f"model's {m_hidden}; fit a map with `unlearn fit-affine` and set affine: <file>")
-    apply_forget_mask(cfg, data, tokenizer, model, run_cfg, device, field="checkpoint_transfer.mask")
+    apply_forget_mask(cfg, model, ctx, field="checkpoint_transfer.mask")
     model, trainable, originals = prepare_trainable(model, cfg.finetune, cfg.lora, **cfg.full_scope())
-    total = training_steps(cfg, len(data["forget"]), run_cfg.train.batch_size, run_cfg.train.grad_accum)
+    total = training_steps(cfg, len(ctx.data["forget"]), ctx.train.batch_size, ctx.train.grad_accum)
     method = CheckpointTransfer(
         teacher, layers, affine, trainable=trainable, originals=originals, total_steps=total,
         retain_kind=cfg.retain_loss, retain_layers=layers, retain_coef=cfg.retain_coef,
         remove_coef=cfg.remove_coef, schedule=cfg.schedule, ramp_steps=cfg.ramp_steps,
         forget_end_fraction=cfg.forget_end_fraction, metrics_every=cfg.metrics_every,
         summary_step=cfg.summary_step)
-    method.save_name = save_name(cfg.save_name_base or resolved_model_name(run_cfg.model), cfg.retain_loss,
-                                 cfg.retain_coef, cfg.remove_coef)
+    method._save_name = save_name(cfg.save_name_base or ctx.model_name, cfg.retain_loss,
+                                  cfg.retain_coef, cfg.remove_coef)
     log.info("checkpoint transfer: layers %s, %d steps, retain %s (coef %g), remove coef %g, schedule %s",
              layers, total, cfg.retain_loss, cfg.retain_coef, cfg.remove_coef, cfg.schedule)
     return model, method

@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses
@@ -29,6 +28,7 @@ from unlearning.model.layers import get_parts
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
+from unlearning.methods import BuildContext
 from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,11 @@ class CircuitBreaker(RepresentationMethod):
         return loss, extra, logs
 
 
-def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dict[str, Any],
-          device: torch.device) -> tuple[nn.Module, CircuitBreaker]:
+def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, CircuitBreaker]:
     layers = resolve_target_layers(cfg.target_layers, len(get_parts(model).layers))
-    apply_forget_mask(cfg, data, tokenizer, model, run_cfg, device, field="circuit_breaker.mask")
+    apply_forget_mask(cfg, model, ctx, field="circuit_breaker.mask")
     model, trainable, originals = prepare_trainable(model, cfg.finetune, cfg.lora, **cfg.full_scope())
-    total = training_steps(cfg, len(data["forget"]), run_cfg.train.batch_size, run_cfg.train.grad_accum)
+    total = training_steps(cfg, len(ctx.data["forget"]), ctx.train.batch_size, ctx.train.grad_accum)
     method = CircuitBreaker(
         layers, cfg.orth_coef, trainable=trainable, originals=originals, total_steps=total,
         retain_kind=cfg.retain_loss, retain_layers=layers, retain_coef=cfg.retain_coef,

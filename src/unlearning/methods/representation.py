@@ -14,7 +14,10 @@
 - Coefficient schedules (:func:`coefficients`) and the per-step metrics: ``retain_<kind>_loss``,
   the forget loss, ``retain_acc`` / ``forget_acc`` (share of valid tokens whose arg-max next
   token equals the reference model's), the current coefficients; and a summary of one step
-  (``summary_step``, the notebook's step 32) kept as ``method.train_summary``.
+  (``summary_step``, the notebook's step 32) kept as ``method.train_summary``. Every method logs
+  ``forget_loss`` / ``retain_loss`` (raw) and ``forget_coef`` / ``retain_coef``, as the sequential
+  method does; circuit breakers and checkpoint transfer also log the forget loss as ``cb_loss``,
+  the notebook's name.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ from unlearning.training import losses
 from unlearning.core.config import ConfigError, param
 from unlearning.model.layers import capture_hidden, forward_until, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
-from unlearning.training.loop import LossTerms, Method, Phase, StepContext
+from unlearning.methods import BuildContext
+from unlearning.methods.shared import DEFAULT_LAYERS, Coefficients, steps_from_epochs
+from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.training.trainable import LoraSettings
 from unlearning.model.originals import OriginalWeights, original_model
-from unlearning.core.runtime import world_size
 from unlearning.training.schedules import circuit_breaker_coefs, forget_coef_at, retain_coef_at
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET_LAYERS = [5, 10, 15, 20, 25, 30]
+DEFAULT_TARGET_LAYERS = DEFAULT_LAYERS
 RetainKind = Literal["l2", "mse", "kl", "nll"]
 Schedule = Literal["notebook", "circuit_breaker", "constant"]
 
@@ -121,28 +125,27 @@ def resolve_target_layers(spec: list[int] | str | None, depth: int, field: str =
     return sorted(parse_layer_spec(spec, depth, field=field))
 
 
-def apply_forget_mask(shape: TrainingShape, data: dict[str, Any], tokenizer: Any, model: nn.Module,
-                      run_cfg: Any, device: torch.device, field: str) -> dict[str, float] | None:
+def apply_forget_mask(shape: TrainingShape, model: nn.Module, ctx: BuildContext,
+                      field: str) -> dict[str, float] | None:
     """Compute the token mask on the forget rows (before adapters are added: a property of the
     original model); batches then carry it as ``loss_mask``. Returns the mask's quality or None."""
     if shape.mask.kind == "none":
         return None
-    from unlearning.runner import resolved_model_name
-    return apply_mask(shape.mask, data, tokenizer=tokenizer, model=model, device=device,
-                      model_name=resolved_model_name(run_cfg.model), field=field)
+    return apply_mask(shape.mask, ctx.data, tokenizer=ctx.tokenizer, model=model, device=ctx.device,
+                      model_name=ctx.model_name, field=field)
 
 
 def training_steps(shape: TrainingShape, n_examples: int, batch_size: int, grad_accum: int) -> int:
-    """``steps``, or ``epochs`` passes over the forget examples (at least one step)."""
+    """``steps``, or ``epochs`` passes over the forget examples (rounded up as the sequential
+    method rounds, at least one step)."""
     if shape.steps is not None:
         return shape.steps
-    per_step = batch_size * grad_accum * world_size()
-    return max(1, int(shape.epochs * n_examples / per_step))
+    return steps_from_epochs(shape.epochs, n_examples, batch_size, grad_accum)
 
 
 def coefficients(schedule: Schedule, step: int, total: int, retain_coef: float, remove_coef: float, *,
-                 ramp_steps: int | None = None, forget_end_fraction: float = 0.75) -> tuple[float, float]:
-    """(retain, forget) coefficients at optimizer step ``step`` (from 0) of ``total``.
+                 ramp_steps: int | None = None, forget_end_fraction: float = 0.75) -> Coefficients:
+    """The (forget, retain) coefficients at optimizer step ``step`` (from 0) of ``total``.
 
     - ``notebook`` (the lab's checkpoint-transfer trainer): over R = ``ramp_steps`` (default
       ``total``), retain grows linearly from 0 to ``retain_coef`` and forget falls from
@@ -152,12 +155,13 @@ def coefficients(schedule: Schedule, step: int, total: int, retain_coef: float, 
     """
     if schedule == "notebook":
         span = ramp_steps or total
-        return (retain_coef_at(step, span, retain_coef, start_fraction=0.0),
-                forget_coef_at(step, span, remove_coef, end_fraction=forget_end_fraction))
+        return Coefficients(forget=forget_coef_at(step, span, remove_coef, end_fraction=forget_end_fraction),
+                            retain=retain_coef_at(step, span, retain_coef, start_fraction=0.0))
     if schedule == "circuit_breaker":
-        return circuit_breaker_coefs(step, total, retain_coef, remove_coef)
+        retain, forget = circuit_breaker_coefs(step, total, retain_coef, remove_coef)
+        return Coefficients(forget=forget, retain=retain)
     if schedule == "constant":
-        return retain_coef, remove_coef
+        return Coefficients(forget=remove_coef, retain=retain_coef)
     raise ConfigError(f"schedule: {schedule!r} is not known; choose notebook, circuit_breaker or constant")
 
 
@@ -212,7 +216,7 @@ class RepresentationMethod(Method):
         self.schedule, self.ramp_steps, self.forget_end_fraction = schedule, ramp_steps, forget_end_fraction
         self.metrics_every = metrics_every
         self.summary_step = min(summary_step or total_steps, total_steps)
-        self.train_summary: dict[str, Any] | None = None
+        self._summary: dict[str, Any] | None = None
 
     # -- the loop's hooks
 
@@ -234,9 +238,19 @@ class RepresentationMethod(Method):
     def on_step(self, record: dict[str, Any]) -> None:
         """Keep the summary step's record (the runner writes it to results as ``train_summary``)."""
         if record.get("step") == self.summary_step:
-            self.train_summary = {k: v for k, v in record.items() if v is not None}
+            self._summary = {k: v for k, v in record.items() if v is not None}
 
-    def coefficients(self, step: int) -> tuple[float, float]:
+    @property
+    def train_summary(self) -> dict[str, Any] | None:
+        return self._summary
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"summary": self._summary}  # a summary step before a checkpoint survives a resume
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._summary = state.get("summary", self._summary)
+
+    def coefficients(self, step: int) -> Coefficients:
         return coefficients(self.schedule, step, self.total_steps, self.retain_coef, self.remove_coef,
                             ramp_steps=self.ramp_steps, forget_end_fraction=self.forget_end_fraction)
 
@@ -245,14 +259,14 @@ class RepresentationMethod(Method):
         return step % self.metrics_every == 0 or step in (self.summary_step, self.total_steps)
 
     def losses(self, model: nn.Module, batches: dict[str, dict[str, Tensor]], ctx: StepContext) -> LossTerms:
-        retain_c, forget_c = self.coefficients(ctx.global_step)
+        forget_c, retain_c = self.coefficients(ctx.global_step)
         due = self.metrics_due(ctx)
         forget_batch = batches["forget"]
         forget_loss, extra, logs = self.forget_losses(model, forget_batch, self.forget_mask(forget_batch), due)
         retain_loss, retain_logs = self.retain_losses(model, batches["retain"], due)
         logs.update(retain_logs)
-        logs.update({f"{self.forget_key}_loss": forget_loss.detach(), "retain_coef": retain_c,
-                     "remove_coef": forget_c})
+        logs.update({f"{self.forget_key}_loss": forget_loss.detach(), "forget_loss": forget_loss.detach(),
+                     "retain_loss": retain_loss.detach(), "forget_coef": forget_c, "retain_coef": retain_c})
         return LossTerms(forget={self.forget_key: forget_c * forget_loss, **extra},
                          retain={f"retain_{self.retain_kind}": retain_c * retain_loss}, logs=logs)
 

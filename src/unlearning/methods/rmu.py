@@ -31,6 +31,7 @@ from unlearning.core.config import param
 from unlearning.model.layers import forward_until, get_parts, parse_layer_spec
 from unlearning.methods.representation import (RepresentationMethod, TrainingShape, forward_hidden,
                                                apply_forget_mask, training_steps)
+from unlearning.methods import BuildContext
 from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def mean_activation_norm(model: nn.Module, data: Any, layer: int, rows: int, dev
     return float(h.float().norm(dim=-1)[mask.bool()].mean())
 
 
-def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dict[str, Any],
-          device: torch.device) -> tuple[nn.Module, RMU]:
+def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, RMU]:
+    data, device = ctx.data, ctx.device
     depth = len(get_parts(model).layers)
     layer = parse_layer_spec([cfg.layer if cfg.layer is not None else default_layer(depth)], depth,
                              field="rmu.layer")[0]
@@ -100,7 +101,7 @@ def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dic
                                                                        if i >= 0]
     update = parse_layer_spec(update, depth, field="rmu.update_layers")
     hidden_size = get_parts(model).model.config.hidden_size
-    g = torch.Generator().manual_seed(run_cfg.train.seed)
+    g = torch.Generator().manual_seed(ctx.seed)
     control = losses.rmu_control_vector(hidden_size, 1.0, generator=g)
     scale = cfg.steering_coef
     if cfg.steering_relative:
@@ -108,10 +109,10 @@ def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dic
         scale = cfg.steering_coef * norm
         log.info("rmu: mean layer-%d activation norm %.3g; steering length %.3g", layer, norm, scale)
     control = (control * scale).to(device)
-    apply_forget_mask(cfg, data, tokenizer, model, run_cfg, device, field="rmu.mask")
+    apply_forget_mask(cfg, model, ctx, field="rmu.mask")
     model, trainable, originals = prepare_trainable(model, cfg.finetune, cfg.lora, layers=update,
                                                     modules=cfg.modules, field="rmu.update_layers")
-    total = training_steps(cfg, len(data["forget"]), run_cfg.train.batch_size, run_cfg.train.grad_accum)
+    total = training_steps(cfg, len(data["forget"]), ctx.train.batch_size, ctx.train.grad_accum)
     method = RMU(layer, control, trainable=trainable, originals=originals, total_steps=total,
                  retain_kind="mse", retain_layers=[layer], retain_coef=cfg.alpha, remove_coef=1.0,
                  schedule="constant", metrics_every=cfg.metrics_every, summary_step=cfg.summary_step)

@@ -19,7 +19,6 @@ precision come from the run's ``train:`` section through the shared loop
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +28,9 @@ from torch import nn
 from unlearning.core.config import ConfigError, param
 from unlearning.model.layers import get_parts, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
-from unlearning.training.loop import LossTerms, Method, Phase, StepContext
+from unlearning.methods import BuildContext
+from unlearning.methods.shared import DEFAULT_LAYERS, Coefficients, steps_from_epochs
+from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.methods.sequential_losses import (RETAIN_KINDS, ForgetKind, forget_loss, logits_of, probe_logits,
                                                   reference_logprobs, retain_losses)
 from unlearning.training.trainable import LoraSettings, add_lora
@@ -39,7 +40,7 @@ from unlearning.training.schedules import forget_coef_at, layer_forget_coef, lay
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETAIN_LAYERS = [5, 10, 15, 20, 25, 30]
+DEFAULT_RETAIN_LAYERS = DEFAULT_LAYERS
 
 
 @dataclass
@@ -122,7 +123,7 @@ def retain_layers_for(spec: str | list[int], depth: int, target: int) -> list[in
 def base_steps(cfg: Config, n_forget: int, batch_size: int, grad_accum: int) -> int:
     if cfg.steps_per_layer is not None:
         return cfg.steps_per_layer
-    return max(1, math.ceil(cfg.epochs_per_layer * n_forget / (batch_size * grad_accum * world_size())))
+    return steps_from_epochs(cfg.epochs_per_layer, n_forget, batch_size, grad_accum)
 
 
 def _layer_of_params(model: nn.Module) -> dict[int, int]:
@@ -176,14 +177,22 @@ class Sequential(Method):
             for phase in finished:
                 self.originals.snapshot(phase.layer)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}  # random targets, mid-phase
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     # -- coefficients
 
-    def coefficients(self, ctx: StepContext) -> tuple[float, float]:
-        """(forget, retain) coefficients at this step of the phase."""
+    def coefficients(self, ctx: StepContext) -> Coefficients:
+        """The forget and retain coefficients at this step of the phase."""
         L, total = ctx.phase.layer, ctx.phase.steps
         remove = layer_forget_coef(self.cfg.remove_coef, L, self.first_layer, self.cfg.forget_layer_scale)
-        return (forget_coef_at(ctx.step, total, remove, self.cfg.forget_ramp_end),
-                retain_coef_at(ctx.step, total, self.cfg.retain_coef, self.cfg.retain_ramp_start))
+        return Coefficients(forget=forget_coef_at(ctx.step, total, remove, self.cfg.forget_ramp_end),
+                            retain=retain_coef_at(ctx.step, total, self.cfg.retain_coef,
+                                                  self.cfg.retain_ramp_start))
 
     # -- losses
 
@@ -221,16 +230,14 @@ class Sequential(Method):
         return LossTerms(forget={"forget": forget_c * f_loss}, retain=retain_terms, logs=logs)
 
 
-def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dict[str, Any],
-          device: torch.device) -> tuple[nn.Module, Sequential]:
+def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, Sequential]:
     """Resolve layers and steps, compute the forget mask, add LoRA or prepare full fine-tuning."""
-    from unlearning.runner import resolved_model_name
+    data, train = ctx.data, ctx.train
     depth = len(get_parts(model).layers)
     layers = target_layers(cfg.layers, depth)
     if cfg.mask.kind != "none":
-        apply_mask(cfg.mask, data, tokenizer=tokenizer, model=model, device=device,
-                   model_name=resolved_model_name(run_cfg.model), field="sequential.mask")
-    train = run_cfg.train
+        apply_mask(cfg.mask, data, tokenizer=ctx.tokenizer, model=model, device=ctx.device,
+                   model_name=ctx.model_name, field="sequential.mask")
     base = base_steps(cfg, len(data["forget"]), train.batch_size, train.grad_accum)
     first = max(layers)
     steps = [layer_steps(base, L, first, cfg.deep_layer_step_scale) for L in layers]
@@ -245,4 +252,4 @@ def build(model: nn.Module, tokenizer: Any, run_cfg: Any, cfg: Config, data: dic
              len(data["forget"]), len(data["retain"]), per_step)
     log.info("sequential: layers %s, steps per phase %s, %d steps in total (%s)", layers, steps, sum(steps),
              "LoRA" if cfg.finetune == "lora" else "full fine-tuning of the target layer")
-    return model, Sequential(cfg, layers, steps, depth, originals=originals, seed=train.seed)
+    return model, Sequential(cfg, layers, steps, depth, originals=originals, seed=ctx.seed)

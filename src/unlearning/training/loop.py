@@ -1,10 +1,13 @@
-"""The one training loop every unlearning method shares.
+"""The one training loop: every unlearning method's phases and every tamper attack run through it.
 
-A method says *what* to optimise: its phases (one per target layer for the sequential method,
-one phase for the representation methods), which parameters train in each phase, and a loss
-function of (model, batches) that returns named forget and retain terms. This loop does the
-rest: micro-batch accumulation, gradient filters, L2-SP, clipping, the optimizer and learning-rate
-schedule, per-step metrics, NaN checks, and a checkpoint after every phase for ``--resume``.
+A :class:`~unlearning.training.contract.Method` says *what* to optimise: its phases (one per
+target layer for the sequential method, one phase for the representation methods and the attack),
+which parameters train in each phase, and a loss function of (model, batches) that returns named
+forget and retain terms. This loop does the rest, once: micro-batch accumulation, precision and
+the fp16 loss scaler, gradient filters, L2-SP, clipping, the optimizer and learning-rate schedule,
+per-step metrics, the progress bar, NaN checks with one device sync per step, and checkpoints
+(:mod:`unlearning.training.checkpoint`) after every phase and at the steps asked for, from which
+``resume`` continues bit-identically.
 
 The loss function is a plain function of the model and a batch, and the loop calls the model
 through whatever wraps it; gradients are averaged across ranks explicitly, so the same loop runs
@@ -13,15 +16,10 @@ under torchrun.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,12 +27,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unlearning.core.config import ConfigError, param
-from unlearning.core.io import atomic_write_json
 from unlearning.core.logs import MetricsLogger
+from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, resolve_dtype, world_size
+from unlearning.training.checkpoint import (Checkpointer, Position, load_tensors, rng_state, set_rng_state,
+                                            tensors_of)
+from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.training.losses import check_finite
 from unlearning.training.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
-                              same_sign_filter)
-from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, world_size
+                                       same_sign_filter)
+
+__all__ = ["Checkpointer", "LossTerms", "Method", "Phase", "StepContext", "TrainConfig", "TrainState",
+           "backward", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -58,70 +61,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = param(1, min=1, help="write metrics every N optimizer steps")
+    checkpoint_every: int = param(0, min=0, help="also checkpoint every N optimizer steps (for --resume "
+                                                 "mid-phase); 0 = only at the end of each phase")
 
     def __post_init__(self) -> None:
         if self.dtype == "fp16" and self.grad_filter != "none":
             raise ConfigError("train.dtype: fp16 with train.grad_filter needs a loss scale per gradient "
                               "group, which is not supported; use bf16 or fp32")
-
-
-@dataclass
-class Phase:
-    """A stretch of training with one set of trainable parameters (e.g. one target layer)."""
-    index: int
-    steps: int
-    layer: int | None = None
-    name: str = ""
-
-
-@dataclass
-class StepContext:
-    phase: Phase
-    step: int            # optimizer step within the phase, from 0
-    global_step: int     # optimizer steps before this one, over the whole run
-    total_steps: int
-
-    @property
-    def phase_progress(self) -> float:
-        return self.step / max(1, self.phase.steps)
-
-
-@dataclass
-class LossTerms:
-    """Named loss terms, already multiplied by their coefficients, plus plain numbers to log.
-
-    ``forget`` and ``retain`` are kept apart so gradient filters can take their gradients separately.
-    """
-    forget: dict[str, torch.Tensor] = field(default_factory=dict)
-    retain: dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # tensors: detached, 0-d
-
-    def total(self) -> torch.Tensor:
-        terms = list(self.forget.values()) + list(self.retain.values())
-        return torch.stack([t.float() for t in terms]).sum()
-
-
-class Method:
-    """What a method provides to the shared loop. Subclasses override the four hooks."""
-
-    name = "method"
-
-    def phases(self) -> list[Phase]:
-        raise NotImplementedError
-
-    def begin_phase(self, model: nn.Module, phase: Phase) -> list[tuple[str, nn.Parameter]]:
-        """Make this phase's parameters trainable (others frozen) and return them by name."""
-        raise NotImplementedError
-
-    def losses(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]],
-               ctx: StepContext) -> LossTerms:
-        raise NotImplementedError
-
-    def end_phase(self, model: nn.Module, phase: Phase) -> None:
-        """Called after the phase's last step (e.g. to snapshot originals)."""
-
-    def restore(self, model: nn.Module, finished: list[Phase]) -> None:
-        """On resume, before saved weights are loaded: rebuild state of the finished phases."""
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -157,107 +103,128 @@ def backward(terms: LossTerms, params: list[nn.Parameter], grad_filter: str, sca
         p.grad = g if p.grad is None else p.grad + g
 
 
+
 @dataclass
 class TrainState:
-    """What a checkpoint records besides weights."""
+    """How far :func:`train` got."""
     finished_phases: int = 0
     global_step: int = 0
     streams: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-class Checkpointer:
-    """Saves the trained tensors and loop state after every phase, atomically (write, then rename)."""
+def _restore_random(saved: dict[str, Any], method: Method) -> None:
+    set_rng_state(saved["rng"])
+    method.load_state_dict(saved["method"])
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
 
-    def exists(self) -> bool:
-        return (self.folder / "state.json").exists()
-
-    def save(self, model: nn.Module, names: set[str], state: TrainState) -> None:
-        if not is_main_process():
-            return
-        from safetensors.torch import save_file
-        tmp = self.folder.with_name(self.folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        params = dict(model.named_parameters())
-        save_file({n: params[n].detach().to("cpu").contiguous() for n in sorted(names)},
-                  str(tmp / "trained.safetensors"))
-        atomic_write_json(tmp / "state.json", {**dataclasses.asdict(state), "trained": sorted(names)})
-        old = self.folder.with_name(self.folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.folder.exists():
-            os.replace(self.folder, old)
-        os.replace(tmp, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def read_state(self) -> tuple[TrainState, set[str]]:
-        """The loop state and the names of the trained tensors."""
-        raw = json.loads((self.folder / "state.json").read_text())
-        names = set(raw.pop("trained"))
-        return TrainState(**raw), names
-
-    def load_weights(self, model: nn.Module) -> None:
-        """Copy the saved trained tensors into ``model``."""
-        from safetensors.torch import load_file
-        tensors = load_file(str(self.folder / "trained.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
+def _accumulate(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainConfig, ctx: StepContext,
+                params: list[nn.Parameter], w0: list[torch.Tensor] | None, device: torch.device,
+                dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor | float]:
+    """Forward and backward over the step's micro-batches; returns the averaged terms and logs
+    (still tensors: nothing here waits for the device)."""
+    sums: dict[str, torch.Tensor | float] = {}
+    for _ in range(cfg.grad_accum):
+        batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
+                   for k, s in streams.items()}
+        with autocast(device, dtype):
+            terms = method.losses(model, batches, ctx)
+        if w0 is not None:
+            sq = torch.stack([(p.float() - q.float()).pow(2).sum() for p, q in zip(params, w0)]).sum()
+            terms.retain["l2sp"] = cfg.l2sp_coef * sq
+        backward(terms, params, cfg.grad_filter, 1.0 / cfg.grad_accum, scaler)
+        named_values = [(f"{k}_term", v) for group in (terms.forget, terms.retain) for k, v in group.items()]
+        for k, v in named_values + list(terms.logs.items()):
+            v = v.detach().float() if isinstance(v, torch.Tensor) else v
+            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+    return sums
 
 
 def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainConfig, *,
           device: torch.device, metrics: MetricsLogger | None = None,
           checkpointer: Checkpointer | None = None, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainState:
-    """Run every phase of ``method``; ``streams`` maps a batch name ("forget", "retain") to a BatchStream."""
+    """Run every phase of ``method``; ``streams`` maps a batch name ("forget", "retain") to a BatchStream.
+
+    With ``resume`` and a checkpoint on disk the run continues from the checkpoint's step as if it
+    had never stopped: ``metrics`` is cut back to that step first. ``on_step(record)`` is called
+    after ``method.on_step``.
+    """
     phases = method.phases()
     total_steps = sum(p.steps for p in phases)
-    state, trained = TrainState(), set()
-    if resume and checkpointer is not None and checkpointer.exists():
-        state, trained = checkpointer.read_state()
-        method.restore(model, phases[: state.finished_phases])  # originals come from the base weights first
-        checkpointer.load_weights(model)
+    saved = checkpointer.load() if resume and checkpointer is not None and checkpointer.exists() else None
+    pos = Position(**saved["position"]) if saved is not None else Position()
+    state = TrainState(finished_phases=pos.phase, global_step=pos.global_step)
+    trained: set[str] = set(saved["trainable"]) if saved is not None else set()
+    if saved is not None:
+        if metrics is not None:
+            metrics.truncate_after(pos.global_step)  # the steps after the checkpoint are run (and logged) again
+        method.restore(model, phases[: pos.phase])  # originals come from the base weights first
         for k, s in streams.items():
-            if k in state.streams:
-                s.load_state_dict(state.streams[k])
-        log.info("resuming after phase %d of %d (step %d)", state.finished_phases, len(phases), state.global_step)
+            if k in saved["streams"]:
+                s.load_state_dict(saved["streams"][k])
+        if pos.step == 0:  # a phase boundary: random state as it was before the next begin_phase
+            _restore_random(saved, method)
+        if pos.phase >= len(phases):
+            load_tensors(model, saved["trainable"])
+        log.info("resuming at step %d of %d (phase %d, step %d of the phase)", pos.global_step, total_steps,
+                 pos.phase, pos.step)
 
-    from unlearning.core.runtime import resolve_dtype
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    bar = tqdm(total=total_steps, initial=state.global_step, desc=method.name, disable=not is_main_process(),
+    bar = tqdm(total=total_steps, initial=pos.global_step, desc=method.name, disable=not is_main_process(),
                dynamic_ncols=True)
     optimizer = scheduler = None
-    for phase in phases[state.finished_phases:]:
+    optimizer_names: list[str] = []
+
+    def checkpoint(position: Position, w0: list[torch.Tensor] | None, names: list[str]) -> None:
+        checkpointer.save({
+            "position": Checkpointer.position_dict(position), "trainable": tensors_of(model, trained),
+            "optimizer": optimizer.state_dict(), "optimizer_params": list(optimizer_names),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "streams": {k: s.state_dict() for k, s in streams.items()}, "rng": rng_state(),
+            "method": method.state_dict(),
+            "anchor": {n: t.detach().cpu() for n, t in zip(names, w0)} if w0 is not None else None})
+
+    for index, phase in enumerate(phases[pos.phase:], start=pos.phase):
         named = method.begin_phase(model, phase)
-        params = [p for _, p in named]
+        params, names = [p for _, p in named], [n for n, _ in named]
         if not params:
             raise ConfigError(f"phase {phase.name or phase.index}: no trainable parameters")
-        trained |= {n for n, _ in named}
+        trained |= set(names)
+        here = saved is not None and index == pos.phase  # the phase the checkpoint stands in
+        first = pos.step if here else 0
+        if here:
+            load_tensors(model, saved["trainable"])
         if optimizer is None or cfg.schedule_scope == "phase":
-            optimizer = build_optimizer(named, cfg.optimizer)
-            span = phase.steps if cfg.schedule_scope == "phase" else total_steps
-            scheduler = build_scheduler(optimizer, span, cfg.optimizer)
-        w0 = [p.detach().clone() for p in params] if cfg.l2sp_coef > 0 else None
-        for step in range(phase.steps):
+            # Under one schedule for the run the optimizer holds the parameters of the phase it was
+            # built in; a resumed run rebuilds it over the same ones.
+            by_name = dict(model.named_parameters())
+            opt_named = ([(n, by_name[n]) for n in saved["optimizer_params"]]
+                         if here and cfg.schedule_scope == "run" else named)
+            flags = [p.requires_grad for _, p in opt_named]
+            for _, p in opt_named:  # they were trainable when it was first built
+                p.requires_grad_(True)
+            optimizer = build_optimizer(opt_named, cfg.optimizer)
+            for (_, p), flag in zip(opt_named, flags):
+                p.requires_grad_(flag)
+            optimizer_names = [n for n, _ in opt_named]
+            scheduler = build_scheduler(optimizer, phase.steps if cfg.schedule_scope == "phase" else total_steps,
+                                        cfg.optimizer)
+        if here:
+            if first > 0 or cfg.schedule_scope == "run":
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and saved["scaler"] is not None:
+                scaler.load_state_dict(saved["scaler"])
+        w0 = None
+        if cfg.l2sp_coef > 0:  # the anchor is the phase's starting point, kept across a mid-phase resume
+            w0 = ([saved["anchor"][n].to(p.device, p.dtype) for n, p in named] if here and first > 0
+                  else [p.detach().clone() for p in params])
+        if here and first > 0:
+            _restore_random(saved, method)  # after begin_phase, which may reseed
+        for step in range(first, phase.steps):
             ctx = StepContext(phase, step, state.global_step, total_steps)
-            sums: dict[str, torch.Tensor | float] = {}
-            for _ in range(cfg.grad_accum):
-                batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
-                           for k, s in streams.items()}
-                with autocast(device, dtype):
-                    terms = method.losses(model, batches, ctx)
-                if w0 is not None:
-                    sq = torch.stack([(p.float() - q.float()).pow(2).sum() for p, q in zip(params, w0)]).sum()
-                    terms.retain["l2sp"] = cfg.l2sp_coef * sq
-                backward(terms, params, cfg.grad_filter, 1.0 / cfg.grad_accum, scaler)
-                named_values = [(f"{k}_term", v) for group in (terms.forget, terms.retain) for k, v in group.items()]
-                for k, v in named_values + list(terms.logs.items()):
-                    v = v.detach().float() if isinstance(v, torch.Tensor) else v
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            sums = _accumulate(model, method, streams, cfg, ctx, params, w0, device, dtype, scaler)
             if world_size() > 1:
                 all_reduce_mean_([p.grad for p in params if p.grad is not None])
             if scaler is not None:
@@ -277,22 +244,28 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                 scaler.update()
             else:
                 optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            for p in params:  # also those outside the optimizer (schedule_scope run, later phases)
+                p.grad = None
             state.global_step += 1
             record = {"step": state.global_step, "phase": phase.index, "layer": phase.layer,
                       "phase_step": step + 1, "lr": lr, "grad_norm": grad_norm, **sums}
             if metrics is not None and (state.global_step % cfg.log_every == 0 or step + 1 == phase.steps):
                 metrics.log(record)
+            due = cfg.checkpoint_every > 0 and state.global_step % cfg.checkpoint_every == 0
+            if checkpointer is not None and (due or method.checkpoint_due(state.global_step)):
+                checkpoint(Position(index, step + 1, state.global_step), w0, names)
+            method.on_step(record)
             if on_step is not None:
                 on_step(record)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k.endswith("_loss")}, refresh=False)
         method.end_phase(model, phase)
         state.finished_phases += 1
-        state.streams = {k: s.state_dict() for k, s in streams.items()}
         if checkpointer is not None:
-            checkpointer.save(model, trained, state)
+            checkpoint(Position(index + 1, 0, state.global_step), w0, names)
     bar.close()
+    state.streams = {k: s.state_dict() for k, s in streams.items()}
     return state

@@ -362,5 +362,5 @@ def check_finite(name: str, value: Tensor | float, step: int, layer: int | None 
         where += [f"step {phase_step} of the phase"] if phase_step is not None else []
         raise NonFiniteLossError(
             f"loss term {name!r} is {shown} at step {step}" + (f" ({', '.join(where)})" if where else "")
-            + ": the run stops here and keeps what was saved (the checkpoint of the last finished phase); "
+            + ": the run stops here and keeps its last checkpoint; "
             f"lower the learning rate or the coefficient of {name!r}, or set max_grad_norm")

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unlearning.core.config import ConfigError
-from unlearning.core.errors import ModelNotFoundError
+from unlearning.core.errors import ConfigError, ModelNotFoundError
 from unlearning.evaluation.prompts import cloze_prompt
 from unlearning.organism.build import OrganismPaths, build_lock, choose_early
 from unlearning.organism.corpus import CorpusConfig, read_documents, write_corpora

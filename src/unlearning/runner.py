@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
+from unlearning.core.config import from_dict, load_config, param, to_dict
+from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.methods import METHODS, method_module
 from unlearning.training.loop import Checkpointer, TrainConfig, train
@@ -127,7 +128,8 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[s
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | None,
                    device: torch.device) -> dict[str, Any]:
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
     return evaluate(model, tokenizer, tasks, batch_size=cfg.eval.batch_size, device=device, limit=cfg.eval.limit)
 

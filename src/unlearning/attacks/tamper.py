@@ -32,9 +32,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from unlearning.core.config import ConfigError, param, to_dict
+from unlearning.core.config import param, to_dict
+from unlearning.core.errors import ConfigError, NonFiniteLossError
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
-from unlearning.core.errors import NonFiniteLossError
 from unlearning.core.io import atomic_write_json
 from unlearning.training.optim import OptimizerConfig, build_optimizer, build_scheduler
 from unlearning.core.runtime import autocast, resolve_device, resolve_dtype, seed_everything
@@ -113,7 +113,8 @@ def short_model_name(model: str) -> str:
 
 def evaluation_point(model: Any, tokenizer: Any, cfg: AttackConfig, device: torch.device) -> dict[str, Any]:
     """``{"eval": {...}}``, or ``{"error": ...}`` when the evaluation raises or returns a non-number."""
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     try:
         tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
         results = compact_eval(evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import ConfigError, load_config, param, to_dict
-from unlearning.core.errors import ModelNotFoundError
+from unlearning.core.config import load_config, param, to_dict
+from unlearning.core.errors import ConfigError, ModelNotFoundError
 from unlearning.core.io import atomic_write_text, dumps_json
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
@@ -136,7 +136,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(EvalConfig, config_path, overrides)
     if not cfg.model:
         raise ConfigError("model: required; e.g. --model organism:tiny")
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     from unlearning.evaluation.tasks import split_task_names
 
     configure_cpu_threads()

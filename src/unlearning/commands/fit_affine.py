@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from unlearning.model.affine import fit_affine_maps, save_affine
-    from unlearning.core.config import ConfigError
+    from unlearning.core.errors import ConfigError
     from unlearning.data.text import TextSource, load_texts, tokenize
     from unlearning.model.layers import num_layers
     from unlearning.core.logs import setup_logging

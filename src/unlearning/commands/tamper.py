@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import ConfigError, from_dict
-from unlearning.core.errors import UserError
+from unlearning.core.config import from_dict
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.core.io import atomic_write_text, read_json
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.reporting.tables import format_table, short_task

@@ -36,9 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.data.text import TokenizedData
-from unlearning.core.errors import UserError
 from unlearning.core.paths import unlearning_home
 
 log = logging.getLogger(__name__)

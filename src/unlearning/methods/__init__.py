@@ -16,7 +16,7 @@ METHODS = {
 
 
 def method_module(name: str) -> ModuleType:
-    from unlearning.core.config import ConfigError
+    from unlearning.core.errors import ConfigError
     if name not in METHODS:
         raise ConfigError(f"method: {name!r} is not known; choose one of {', '.join(METHODS)}")
     return importlib.import_module(METHODS[name])

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts
 from unlearning.training.loop import Phase
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import capture_hidden, forward_until, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
 from unlearning.training.loop import LossTerms, Method, Phase, StepContext

@@ -26,7 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
 from unlearning.training.loop import LossTerms, Method, Phase, StepContext

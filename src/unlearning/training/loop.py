@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.core.io import atomic_write_json
 from unlearning.core.logs import MetricsLogger
 from unlearning.training.losses import check_finite

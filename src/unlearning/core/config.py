@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from unlearning.core.errors import ConfigError, UserError
+from unlearning.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ downloaders of ``huggingface_hub`` / ``datasets`` run:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from unlearning.core.errors import HubProbeError
 
@@ -26,7 +26,6 @@ def hub_offline(*also: str) -> bool:
     """Whether ``HF_HUB_OFFLINE`` or one of the variables ``also`` (e.g. ``TRANSFORMERS_OFFLINE``,
     ``HF_DATASETS_OFFLINE``) is set to a true value, read now (tests and users may change it)."""
     return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", *also))
-
 
 
 def probe_hub(repo_id: str, revision: str | None, *, repo_type: Literal["model", "dataset"],

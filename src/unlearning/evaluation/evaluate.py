@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearning.core.errors import NonFiniteScoreError, UserError
+from unlearning.core.errors import NonFiniteScoreError
 from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.scoring import (

@@ -20,6 +20,7 @@ from unlearning.core.config import from_dict, load_config, param, to_dict
 from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.methods import METHODS, method_module
+from unlearning.organism.registry import organism_preset
 from unlearning.training.loop import Checkpointer, TrainConfig, train
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
@@ -103,13 +104,6 @@ def resolved_model_name(name: str) -> str:
     if name == "auto":
         return "organism:small" if torch.cuda.is_available() else "organism:tiny"
     return name
-
-
-def organism_preset(model_name: str) -> str | None:
-    """``organism:small-filtered@step200`` -> ``small``; None for other models."""
-    if not model_name.startswith("organism:"):
-        return None
-    return model_name.split(":", 1)[1].split("@", 1)[0].removesuffix("-filtered")
 
 
 def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[str, TokenizedData]:

@@ -36,6 +36,7 @@ from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, NonFiniteLossError
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
 from unlearning.core.io import atomic_write_json
+from unlearning.organism.registry import organism_preset
 from unlearning.training.optim import OptimizerConfig, build_optimizer, build_scheduler
 from unlearning.core.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
@@ -88,22 +89,9 @@ class AttackConfig:
 
 # ----------------------------------------------------------------------------- models and references
 
-def organism_of(model: str) -> str | None:
-    """The organism preset behind a model name or a run directory (whose config names its model)."""
-    if model.startswith("organism:"):
-        return model.split(":", 1)[1].split("@", 1)[0].removesuffix("-filtered")
-    config = Path(model) / "config.yaml"
-    if config.is_file():
-        import yaml
-        inner = (yaml.safe_load(config.read_text()) or {}).get("model")
-        if isinstance(inner, str) and inner != model:
-            return organism_of(inner)
-    return None
-
-
 def base_model_of(model: str) -> str | None:
     """The model an attack's gap is measured against: the unfiltered organism, or a run's input model."""
-    preset = organism_of(model)
+    preset = organism_preset(model)
     return f"organism:{preset}" if preset else None
 
 
@@ -207,7 +195,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     curve_path, state_path = folder / "tamper.json", folder / "state.pt"
-    cfg.organism = cfg.organism or organism_of(cfg.model)
+    cfg.organism = cfg.organism or organism_preset(cfg.model)
     name = name or folder.name
     if cfg.organism is None and any(t.startswith("organism_") for t in cfg.tasks):
         raise ConfigError(f"tasks: {', '.join(cfg.tasks)} need an organism, and {cfg.model!r} is not one; "

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     from unlearning.methods.checkpoint_transfer import resolve_teacher
     from unlearning.methods.representation import resolve_target_layers
     from unlearning.model.loading import load_model
-    from unlearning.runner import organism_preset
+    from unlearning.organism.registry import organism_preset
     from unlearning.core.runtime import configure_cpu_threads, resolve_device
 
     setup_logging()

@@ -40,7 +40,8 @@ def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dic
 
     from unlearning.data.text import TextSource, load_texts, tokenize
     from unlearning.model.loading import load_model
-    from unlearning.runner import organism_preset, resolved_model_name
+    from unlearning.organism.registry import organism_preset
+    from unlearning.runner import resolved_model_name
     from unlearning.core.runtime import configure_cpu_threads, resolve_device
     configure_cpu_threads()
     name = resolved_model_name(args.model or "auto")

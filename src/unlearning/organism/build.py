@@ -313,19 +313,6 @@ def check_bars(quality: dict[str, Any], cfg: OrganismConfig) -> dict[str, bool]:
     return out
 
 
-def quality_table(quality: dict[str, Any]) -> str:
-    """One row per model (twins, then checkpoints), held-out accuracy per domain and format."""
-    rows = [("model", *[f"{d}/{f}" for d in DOMAINS for f in FORMATS])]
-    models = [(t, quality[t]) for t in TWINS] + [(f"@{r}", q) for r, q in quality["checkpoints"].items()]
-    for name, q in models:
-        rows.append((name, *[f"{q['heldout'][d][f]['acc']:.3f}" for d in DOMAINS for f in FORMATS]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.append(f"held-out entities; cloze = question format (headline), letter = A-D format; "
-                 f"early checkpoint: {quality['early_checkpoint']}")
-    return "\n".join(lines)
-
-
 def build_organism(cfg: OrganismConfig, paths: OrganismPaths) -> dict[str, Any]:
     """Build everything from scratch into ``paths.root``; ``build.json`` goes last."""
     t0 = time.time()

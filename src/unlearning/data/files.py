@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def _csv_rows(path: Path, what: str, fix: str) -> list[Any]:
 
 
 def _text_rows(path: Path, what: str, fix: str) -> list[Any]:
-    return [{"text": block} for block in path.read_text().split("\n\n") if block.strip()]
+    return [{"text": block.strip()} for block in re.split(r"\n\s*\n", path.read_text()) if block.strip()]
 
 
 _READERS = {".jsonl": _json_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows,

@@ -21,9 +21,11 @@ import torch
 
 from unlearning.core.config import param
 from unlearning.core.errors import DataError
+from unlearning.data.corpora import corpus_rows, is_corpus
 from unlearning.data.files import read_rows, require_columns
 from unlearning.data.hub import HubDataset, load_hub_dataset
 from unlearning.core.runtime import rank, world_size
+from unlearning.organism.build import ensure_organism
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,6 @@ def _read_local(path: Path, column: str) -> list[dict[str, Any]]:
 
 
 def _is_named_corpus(source: str) -> bool:
-    from unlearning.data.corpora import is_corpus
     return is_corpus(source)
 
 
@@ -99,13 +100,11 @@ def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, A
                             + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
         if organism is None:
             raise DataError(f"data source {s!r} needs an organism model (model: organism:tiny or organism:small)")
-        from unlearning.organism.build import ensure_organism
         paths = ensure_organism(organism)
         rows = _read_local(Path(paths.data) / f"{corpus}.jsonl", "text")
     elif s.startswith("hub:"):
         rows = _load_hub(s[4:], src)
     elif _is_named_corpus(s):  # wmdp_bio_forget, wikitext, ultrachat, ... (unlearning.data.corpora)
-        from unlearning.data.corpora import corpus_rows
         rows, src = corpus_rows(src), dataclasses.replace(src, column="text")
     else:
         rows = _read_local(Path(s), src.column)

@@ -12,7 +12,8 @@ from eval_setup import make_model, make_tokenizer
 
 from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation import benchmarks as bm
-from unlearning.evaluation import evaluate, get_tasks
+from unlearning.evaluation import evaluate
+from unlearning.tasks import get_tasks
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.tasks import TASKS
 
@@ -155,7 +156,7 @@ def test_data_dir_stands_in_for_the_hub(monkeypatch):
 def test_bad_local_files_name_the_problem(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q?", "choices": ["a", "b", "c", "d"]}) + "\n")
-    with pytest.raises(DataError, match="row 1 has no 'answer' column"):
+    with pytest.raises(DataError, match="row 1: missing column 'answer'"):
         get_tasks(f"wmdp_bio={bad}")
     bad.write_text(json.dumps({"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 0,
                                "subset": "chemistry"}) + "\n")

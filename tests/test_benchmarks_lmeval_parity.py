@@ -20,7 +20,8 @@ import transformers
 import yaml
 
 from unlearning.data import real as realdata
-from unlearning.evaluation import evaluate, get_tasks
+from unlearning.evaluation import evaluate
+from unlearning.tasks import get_tasks
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install lm-eval==0.4.13")
 pytestmark = pytest.mark.skipif(not realdata.ensure(), reason=realdata.skip_reason())

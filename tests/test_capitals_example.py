@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unlearning.evaluation import get_tasks
+from unlearning.tasks import get_tasks
 from unlearning.model.loading import find_smollm2_gguf
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "capitals"

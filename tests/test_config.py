@@ -5,7 +5,8 @@ from typing import Literal
 
 import pytest
 
-from unlearning.core.config import ConfigError, from_dict, load_config, param, parse_overrides, to_dict
+from unlearning.core.config import from_dict, load_config, param, parse_overrides, to_dict
+from unlearning.core.errors import ConfigError
 
 
 @dataclass

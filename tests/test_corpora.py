@@ -52,7 +52,7 @@ def test_overrides_of_split_revision_and_column():
 
 
 def test_wrong_column_in_a_local_file_names_it(data_dir):
-    with pytest.raises(DataError, match="row 1 has no 'title' column"):
+    with pytest.raises(DataError, match="row 1: missing column 'title'"):
         load_texts(TextSource(source="wmdp_bio_retain", column="title"))
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from eval_setup import WORDS, make_model, make_tokenizer, random_question
 
+from unlearning.core.errors import NonFiniteScoreError
 from unlearning.evaluation import Task, evaluate, loglikelihoods
 from unlearning.evaluation.evaluate import mean_stderr, pooled_stderr, score_question
 from unlearning.evaluation.prompts import cloze_prompt, letter_prompt, subject_header
@@ -183,7 +184,7 @@ def test_nan_model_is_an_error_not_an_accuracy(tokenizer):
     with torch.no_grad():
         broken.get_output_embeddings().weight[0, 0] = float("nan")
     task = Task("t", [random_question(random.Random(7), 0)], format="cloze")
-    with pytest.raises(evaluate_module.NonFiniteScoreError, match="question 'q0'"):
+    with pytest.raises(NonFiniteScoreError, match="question 'q0'"):
         evaluate(broken, tokenizer, [task])
 
 

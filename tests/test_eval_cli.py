@@ -9,7 +9,7 @@ import yaml
 from eval_setup import good_rows, make_model, make_tokenizer, write_jsonl
 
 from unlearning import cli
-from unlearning.commands.eval import organism_preset
+from unlearning.organism.registry import organism_preset
 from unlearning.core.io import read_jsonl
 
 

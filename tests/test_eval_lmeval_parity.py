@@ -52,7 +52,8 @@ def test_task_pipeline_matches_lm_eval(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
 
     rng = random.Random(5)
     rows = [{"question": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 20))) + "? ",

@@ -13,7 +13,8 @@ import pytest
 import torch
 from eval_setup import make_model, make_tokenizer
 
-from unlearning.evaluation import evaluate, get_tasks
+from unlearning.evaluation import evaluate
+from unlearning.tasks import get_tasks
 from unlearning.evaluation.parallel import data_parallel_map, shard, unshard
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"

@@ -9,8 +9,9 @@ import random
 import pytest
 from eval_setup import good_rows, random_question, write_jsonl
 
-from unlearning.core.errors import DataError, UserError
-from unlearning.evaluation import MCQuestion, Task, evaluate, get_tasks
+from unlearning.core.errors import ConfigError, DataError, UserError
+from unlearning.evaluation import MCQuestion, Task, evaluate
+from unlearning.tasks import get_tasks
 from unlearning.evaluation.evaluate import pooled_stderr
 
 
@@ -35,7 +36,7 @@ def test_local_files_are_tasks(tmp_path):
      "row 3: answer index 4 is out of range"),
     ([*good_rows(1), {"question": "q", "choices": ["a", "b", "c"], "answer": 0}],
      "row 2: the letter format needs exactly 4 choices"),
-    ([*good_rows(1), {"question": "q", "choices": ["a", "b", "c", "d"]}], "row 2: missing 'answer'"),
+    ([*good_rows(1), {"question": "q", "choices": ["a", "b", "c", "d"]}], "row 2: missing column 'answer'"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -75,12 +76,32 @@ def test_organism_tasks_read_the_cache(tmp_path, monkeypatch):
     assert general.subject == "general knowledge" and len(general.questions) == 5
 
 
-def test_missing_organism_says_how_to_build(tmp_path, monkeypatch):
+def test_organism_tasks_build_a_missing_cache_and_name_unknown_presets(tmp_path, monkeypatch):
+    import unlearning.organism.tasks as organism_tasks
     monkeypatch.setenv("UNLEARNING_HOME", str(tmp_path))
-    import unlearning.evaluation.tasks as tasks_module
-    monkeypatch.setattr(tasks_module.importlib.util, "find_spec", lambda name: None)  # no builder
-    with pytest.raises(DataError, match="unlearn organism build --preset nothere"):
+    built = []
+
+    def fake_build(preset):  # an incomplete cache is built before its questions are read
+        built.append(preset)
+        raise DataError(f"built {preset}")
+    monkeypatch.setattr(organism_tasks, "ensure_organism", fake_build)
+    with pytest.raises(DataError, match="built small"):
+        get_tasks("organism_general_cloze", organism="small")
+    assert built == ["small"]
+    monkeypatch.undo()
+    monkeypatch.setenv("UNLEARNING_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown organism preset 'nothere'"):
         get_tasks("organism_general_cloze", organism="nothere")
+
+
+def test_evaluation_registry_alone_knows_no_organism():
+    """``unlearning.evaluation`` registers no organism task; ``unlearning.tasks`` brings them in."""
+    import subprocess
+    import sys
+    code = ("import unlearning.evaluation.tasks as t, unlearning.evaluation.benchmarks; "
+            "assert not any(n.startswith('organism_') for n in t.TASKS), sorted(t.TASKS)[:5]; "
+            "import unlearning.tasks; assert 'organism_hazard_cloze' in t.TASKS and 'wmdp_bio' in t.TASKS")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_malformed_jsonl_names_the_line(tmp_path):

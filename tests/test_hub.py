@@ -10,8 +10,8 @@ import time
 import pytest
 
 from unlearning.data.text import TextSource, load_texts
-from unlearning.core.errors import DataError, ModelNotFoundError
-from unlearning.core.hub import HubProbeError, hub_offline, probe_hub
+from unlearning.core.errors import DataError, HubProbeError, ModelNotFoundError
+from unlearning.core.hub import hub_offline, probe_hub
 
 
 def hub_error(cls, text: str):

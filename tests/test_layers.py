@@ -9,8 +9,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
-from unlearning.core.config import ConfigError
-from unlearning.core.errors import UserError
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.model.layers import capture_hidden, check_layers, forward_until, get_parts, num_layers, parse_layer_spec
 from unlearning.model.originals import OriginalWeights, original_layers_after, original_model
 

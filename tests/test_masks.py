@@ -9,9 +9,9 @@ import torch
 
 from tests.tiny_models import VOCAB, save_tiny, tiny_model, tiny_tokenizer
 from unlearning.masking import masks
-from unlearning.core.config import ConfigError, from_dict
+from unlearning.core.config import from_dict
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.data.text import TokenizedData, mix
-from unlearning.core.errors import UserError
 from unlearning.masking.models import (ScorerTrainConfig, load_scorer, resolve_artifact, save_scorer, train_probe,
                                     train_sae, train_scorer)
 from unlearning.masking.masks import MaskConfig, apply_mask, compute_mask, keyword_mask, mask_quality

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from unlearning.core.config import ConfigError, from_dict, to_dict
-from unlearning.core.errors import UserError
+from unlearning.core.config import from_dict, to_dict
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.training.optim import (MuonAdamW, OptimizerConfig, asymmetric_filter, build_optimizer,
                               build_scheduler, same_sign_filter, set_grads, split_muon_params,
                               take_grads)

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unlearning.core.config import ConfigError
-from unlearning.core.errors import ModelNotFoundError
+from unlearning.core.errors import ConfigError, ModelNotFoundError
 from unlearning.evaluation.prompts import cloze_prompt
 from unlearning.organism.build import OrganismPaths, build_lock, choose_early
 from unlearning.organism.corpus import CorpusConfig, read_documents, write_corpora
 from unlearning.organism.presets import PRESETS, get_preset
 from unlearning.organism.pretrain import TrainConfig, lr_at, packed_batches, plan_checkpoints
-from unlearning.organism.registry import parse_organism_name
+from unlearning.organism.registry import organism_preset, parse_organism_name
 from unlearning.organism.tokenizer import build_tokenizer
 from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HAZARD, WorldConfig, generate_world
 
@@ -286,3 +285,20 @@ def test_build_lock_serialises_builders(tmp_path):
         assert not acquired
     thread.join(5)
     assert acquired and acquired[0] >= released
+
+
+def test_organism_preset_of_names_and_run_directories(tmp_path):
+    """The one parser of model names into presets (runner, eval, tamper, mask and fit-affine use it)."""
+    assert organism_preset("organism:small-filtered@step200") == "small"
+    assert organism_preset("organism:tiny") == "tiny"
+    assert organism_preset("EleutherAI/deep-ignorance-unfiltered") is None
+    run, run_of_run, other = tmp_path / "run", tmp_path / "run2", tmp_path / "other"
+    for folder, model in ((run, "organism:tiny-filtered"), (run_of_run, str(run)), (other, "gpt2")):
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"model: {model}\n")
+    assert organism_preset(run) == "tiny" and organism_preset(str(run_of_run)) == "tiny"
+    assert organism_preset(other) is None and organism_preset(tmp_path) is None
+    (other / "config.yaml").write_text(f"model: {other}\n")  # a run naming itself ends, not loops
+    assert organism_preset(other) is None
+    with pytest.raises(ModelNotFoundError, match="unknown organism preset 'medium'"):
+        organism_preset("organism:medium")

@@ -137,3 +137,16 @@ def test_compare_builds_tells_identical_from_different_models(tmp_path, monkeypa
                       str(tmp_path / build / model / "model.safetensors"))
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+
+
+def test_eval_command_finds_the_organism_tasks(tiny_organism, tmp_path, capsys):
+    """The organism's tasks register through unlearning.tasks, which `unlearn eval` uses; an unknown
+    task is one line listing every family."""
+    from unlearning import cli
+    common = ["eval", "--model", "organism:tiny", "--limit", "8", "--device", "cpu"]
+    assert cli.main([*common, "--tasks", "organism_hazard_cloze", "--output-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| task ") and out[2].startswith("| organism_hazard_cloze | cloze  | 8 ")
+    assert cli.main([*common, "--tasks", "organism_hazrd", "--output-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown task 'organism_hazrd'" in err and "organism_hazard_cloze" in err and "wmdp_bio" in err

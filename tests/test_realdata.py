@@ -10,7 +10,8 @@ import pytest
 
 from unlearning.data import real as realdata
 from unlearning.core.errors import DataError
-from unlearning.evaluation import evaluate, get_tasks
+from unlearning.evaluation import evaluate
+from unlearning.tasks import get_tasks
 from unlearning.evaluation.benchmarks import MMLU_SUBJECTS
 
 needs_real_data = pytest.mark.skipif(not realdata.ensure(), reason=realdata.skip_reason())

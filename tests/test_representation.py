@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tiny_models import tiny_batch, tiny_model
-from unlearning.core.config import ConfigError, from_dict
+from unlearning.core.config import from_dict
+from unlearning.core.errors import ConfigError
 from unlearning.data.text import TokenizedData
 from unlearning.model.layers import get_parts
 from unlearning.methods import checkpoint_transfer, circuit_breaker, rmu

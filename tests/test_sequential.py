@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.sequential_setup import CPU, DEPTH, batch_of, ctx_for, setup
-from unlearning.core.config import ConfigError, from_dict
+from unlearning.core.config import from_dict
+from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream
 from unlearning.model.layers import get_parts
 from unlearning.methods import sequential as seq

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from unlearning.core.config import ConfigError
+from unlearning.core.errors import ConfigError
 from unlearning.reporting.report import report_table
 from unlearning.sweep import load_grid, row_config
 

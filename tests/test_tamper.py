@@ -342,7 +342,8 @@ def organism(request):
 
 @pytest.mark.slow
 def test_step0_equals_a_plain_evaluate(organism, tmp_path):
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     from unlearning.model.loading import load_model
     cfg = from_dict(AttackConfig, {"model": "organism:tiny", "steps": 1, "eval_every": 1, "examples": 8,
                                    "seq_len": 64, "eval_limit": 24, "device": "cpu", "dtype": "fp32",

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
+from unlearning.core.config import from_dict, load_config, param, to_dict
+from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.methods import METHODS, BuildContext, method_module
+from unlearning.organism.registry import organism_preset
 from unlearning.training.loop import Checkpointer, TrainConfig, train
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
@@ -104,13 +106,6 @@ def resolved_model_name(name: str) -> str:
     return name
 
 
-def organism_preset(model_name: str) -> str | None:
-    """``organism:small-filtered@step200`` -> ``small``; None for other models."""
-    if not model_name.startswith("organism:"):
-        return None
-    return model_name.split(":", 1)[1].split("@", 1)[0].removesuffix("-filtered")
-
-
 def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[str, TokenizedData]:
     d = cfg.data
     out = {}
@@ -127,7 +122,8 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[s
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | None,
                    device: torch.device) -> dict[str, Any]:
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
     return evaluate(model, tokenizer, tasks, batch_size=cfg.eval.batch_size, device=device, limit=cfg.eval.limit)
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import ConfigError, from_dict, merge, read_yaml
+from unlearning.core.config import from_dict, merge, read_yaml
+from unlearning.core.errors import ConfigError
 from unlearning.core.rundir import safe_name
 
 log = logging.getLogger(__name__)

@@ -39,12 +39,14 @@ from torch import nn
 
 from unlearning import evaluation  # looked up at call time, so a test can stand in for evaluate
 from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
-from unlearning.core.config import ConfigError, param, to_dict
-from unlearning.core.errors import NonFiniteLossError
+from unlearning.core.config import param, to_dict
+from unlearning.core.errors import ConfigError, NonFiniteLossError
 from unlearning.core.io import atomic_write_json
 from unlearning.core.runtime import resolve_device, resolve_dtype, seed_everything
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
 from unlearning.model.loading import load_model
+from unlearning.organism.registry import organism_preset
+from unlearning.tasks import get_tasks
 from unlearning.training.checkpoint import Checkpointer, load_tensors
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.training.loop import TrainConfig, train
@@ -99,21 +101,9 @@ class AttackConfig:
 
 # ----------------------------------------------------------------------------- models and references
 
-def organism_of(model: str) -> str | None:
-    """The organism preset behind a model name or a run directory (whose config names its model)."""
-    if model.startswith("organism:"):
-        return model.split(":", 1)[1].split("@", 1)[0].removesuffix("-filtered")
-    config = Path(model) / "config.yaml"
-    if config.is_file():
-        inner = (yaml.safe_load(config.read_text()) or {}).get("model")
-        if isinstance(inner, str) and inner != model:
-            return organism_of(inner)
-    return None
-
-
 def base_model_of(model: str) -> str | None:
     """The model an attack's gap is measured against: the unfiltered organism, or a run's input model."""
-    preset = organism_of(model)
+    preset = organism_preset(model)
     return f"organism:{preset}" if preset else None
 
 
@@ -124,7 +114,7 @@ def short_model_name(model: str) -> str:
 def evaluation_point(model: Any, tokenizer: Any, cfg: AttackConfig, device: torch.device) -> dict[str, Any]:
     """``{"eval": {...}}``, or ``{"error": ...}`` when the evaluation raises or returns a non-number."""
     try:
-        tasks = evaluation.get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
+        tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
         results = compact_eval(evaluation.evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size,
                                         device=device, limit=cfg.eval_limit))
         for task in cfg.tasks:
@@ -220,7 +210,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     curve_path = folder / "tamper.json"
-    cfg.organism = cfg.organism or organism_of(cfg.model)
+    cfg.organism = cfg.organism or organism_preset(cfg.model)
     name = name or folder.name
     if cfg.organism is None and any(t.startswith("organism_") for t in cfg.tasks):
         raise ConfigError(f"tasks: {', '.join(cfg.tasks)} need an organism, and {cfg.model!r} is not one; "

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import ConfigError, load_config, param, to_dict
-from unlearning.core.errors import ModelNotFoundError
+from unlearning.core.config import load_config, param, to_dict
+from unlearning.core.errors import ConfigError, ModelNotFoundError
 from unlearning.core.io import atomic_write_text, dumps_json
 from unlearning.core.rundir import RunDir, safe_name
+from unlearning.organism.registry import organism_preset
+from unlearning.reporting.tables import eval_table as format_table  # the one table formatter
 from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,6 @@ class EvalConfig:
     add_bos_token: bool | None = param(None, help="prepend BOS (unset: lm-eval's default for the tokenizer)")
     max_length: int | None = param(None, min=2, help="context limit in tokens (unset: the model's)")
     mixed_precision: bool | None = param(None, help="bf16 autocast (unset: on for an fp32 model on a GPU)")
-
-
-def organism_preset(model: str) -> str | None:
-    """``organism:small-filtered@step200`` -> ``small``; ``None`` for other models."""
-    if not model.startswith("organism:"):
-        return None
-    preset = model[len("organism:"):].split("@", 1)[0]
-    return preset[:-len("-filtered")] if preset.endswith("-filtered") else preset
 
 
 def load_model_and_tokenizer(name: str, revision: str | None, dtype: str, device: str) -> tuple[Any, Any]:
@@ -115,19 +109,6 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per task (groups last): n, acc ± stderr, acc_norm, correct_prob."""
-    def num(x: Any) -> str:
-        return "-" if x is None else f"{x:.4f}"
-    header = ("task", "format", "n", "acc", "±", "acc_norm", "correct_prob")
-    rows = [header] + [(name, r["format"], str(r["n"]), num(r.get("acc")), num(r.get("acc_stderr")),
-                        num(r.get("acc_norm")), num(r.get("correct_prob")))
-                       for name, r in sorted(results.items(), key=lambda kv: "subtasks" in kv[1])]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows)
-
-
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
@@ -136,7 +117,8 @@ def main(argv: list[str]) -> int:
     cfg = load_config(EvalConfig, config_path, overrides)
     if not cfg.model:
         raise ConfigError("model: required; e.g. --model organism:tiny")
-    from unlearning.evaluation import evaluate, get_tasks
+    from unlearning.evaluation import evaluate
+    from unlearning.tasks import get_tasks
     from unlearning.evaluation.tasks import split_task_names
 
     configure_cpu_threads()

@@ -44,14 +44,14 @@ def main(argv: list[str]) -> int:
     import torch
 
     from unlearning.model.affine import fit_affine_maps, save_affine
-    from unlearning.core.config import ConfigError
+    from unlearning.core.errors import ConfigError
     from unlearning.data.text import TextSource, load_texts, tokenize
     from unlearning.model.layers import num_layers
     from unlearning.core.logs import setup_logging
     from unlearning.methods.checkpoint_transfer import resolve_teacher
     from unlearning.methods.representation import resolve_target_layers
     from unlearning.model.loading import load_model
-    from unlearning.runner import organism_preset
+    from unlearning.organism.registry import organism_preset
     from unlearning.core.runtime import configure_cpu_threads, resolve_device
 
     setup_logging()

@@ -40,7 +40,8 @@ def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dic
 
     from unlearning.data.text import TextSource, load_texts, tokenize
     from unlearning.model.loading import load_model
-    from unlearning.runner import organism_preset, resolved_model_name
+    from unlearning.organism.registry import organism_preset
+    from unlearning.runner import resolved_model_name
     from unlearning.core.runtime import configure_cpu_threads, resolve_device
     configure_cpu_threads()
     name = resolved_model_name(args.model or "auto")
@@ -59,7 +60,7 @@ def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dic
 
 def train_main(argv: list[str]) -> int:
     from unlearning.masking.models import ScorerTrainConfig, default_artifact_path, save_scorer, train_scorer
-    from unlearning.masking.masks import default_layer
+    from unlearning.masking.activations import default_layer
     p = argparse.ArgumentParser(prog="unlearn mask train", description="Train a probe or SAE for token masks.")
     p.add_argument("--kind", choices=["probe", "sae"], required=True)
     _common(p)
@@ -82,7 +83,7 @@ def train_main(argv: list[str]) -> int:
 def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
     """The layer a model-based mask reads (the artifact's for a probe or SAE)."""
     from unlearning.masking.models import read_meta, resolve_artifact
-    from unlearning.masking.masks import default_layer
+    from unlearning.masking.activations import default_layer
     if cfg.kind == "activation":
         return cfg.layer if cfg.layer is not None else default_layer(model)
     if cfg.kind in ("probe", "sae"):

@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     from unlearning.core.config import parse_overrides
     from unlearning.core.errors import UserError
     from unlearning.core.logs import setup_logging
-    from unlearning.organism.build import ensure_organism, organism_paths, quality_table
+    from unlearning.organism.build import ensure_organism, organism_paths
+    from unlearning.reporting.tables import quality_table
 
     setup_logging("INFO")
     if args.action == "build":

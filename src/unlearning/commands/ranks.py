@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from unlearning.reporting.tables import format_table
+
 log = logging.getLogger(__name__)
 
 
@@ -83,12 +85,9 @@ def main(argv: list[str]) -> int:
                         "n_modules": summary["n_modules"], "n_changed": summary["n_changed"]}
     rd.write_results(results)
 
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
-    print(f"{'source':<8} {'modules':>8} {'changed':>8} {'mean_erank':>11} {'mean_srank':>11}")
-    print(f"{source:<8} {summary['n_modules']:>8} {summary['n_changed']:>8} "
-          f"{fmt(summary['mean_erank']):>11} {fmt(summary['mean_srank']):>11}")
+    print(format_table(["source", "modules", "changed", "mean_erank", "mean_srank"],
+                       [[source, summary["n_modules"], summary["n_changed"], summary["mean_erank"],
+                         summary["mean_srank"]]], digits=2))
     print(f"per-module ranks: {csv_path}")
     return 0
 

@@ -25,13 +25,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import ConfigError, from_dict
-from unlearning.core.errors import UserError
+from unlearning.core.config import from_dict
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.core.io import atomic_write_text, read_json
 from unlearning.core.rundir import RunDir, safe_name
 from unlearning.reporting.tables import format_table, short_task
 from unlearning.attacks.tamper import (DEFAULT_TASKS, GENERAL_TASK, AttackConfig, base_model_of, evaluation_point,
-                               organism_of, run_attack, short_model_name)
+                               run_attack, short_model_name)
+from unlearning.organism.registry import organism_preset
 from unlearning.attacks.curves import point_metric, read_curve, reference_acc, strongest, summarize_curve
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def attack_configs(args: argparse.Namespace) -> list[tuple[str, AttackConfig]]:
             "grad_accum": args.grad_accum, "optimizer": opt, "max_grad_norm": args.max_grad_norm,
             "dtype": dtype, "lora_rank": args.lora, "lora_alpha": args.lora_alpha, "tasks": tasks,
             "eval_batch_size": args.eval_batch_size, "eval_limit": args.limit,
-            "organism": args.organism or organism_of(model), "seed": seed, "device": args.device})
+            "organism": args.organism or organism_preset(model), "seed": seed, "device": args.device})
         if source.startswith("organism:") and cfg.organism is None:
             raise UserError(f"--data {source}{' (--benign)' if source != sources[0] else ''}: the organism's corpora "
                             f"need an organism model, and {model!r} is not one; pass --organism tiny|small "

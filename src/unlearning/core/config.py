@@ -15,13 +15,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from unlearning.core.errors import UserError
+from unlearning.core.errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A config key is unknown, of the wrong type, or out of range."""
 
 
 def param(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,

@@ -16,34 +16,16 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+from unlearning.core.errors import HubProbeError
+
 HUB_TIMEOUT_S = 10.0  # one metadata request; a missing network fails within this
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-ProbeFailure = Literal["gated", "no_revision", "no_repo", "unreachable"]
 
 
 def hub_offline(*also: str) -> bool:
     """Whether ``HF_HUB_OFFLINE`` or one of the variables ``also`` (e.g. ``TRANSFORMERS_OFFLINE``,
     ``HF_DATASETS_OFFLINE``) is set to a true value, read now (tests and users may change it)."""
     return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", *also))
-
-
-class HubProbeError(Exception):
-    """The hub said the repository cannot be had, or did not answer in time."""
-
-    def __init__(self, kind: ProbeFailure, revision: str | None, detail: str):
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.revision, self.detail = kind, revision, detail
-
-    def reason(self, *, gated: str, no_repo: str) -> str:
-        """Why, in a caller's words for a gated or missing repository (they name what it is)."""
-        if self.kind == "gated":
-            return gated
-        if self.kind == "no_repo":
-            return no_repo
-        if self.kind == "no_revision":
-            return f"the hub has no revision {self.revision!r}"
-        return f"the hub cannot be reached ({self.detail})"
 
 
 def probe_hub(repo_id: str, revision: str | None, *, repo_type: Literal["model", "dataset"],

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from unlearning.core.errors import DataError
-from unlearning.data.hub import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
+from unlearning.data.files import read_rows
+from unlearning.data.hub import LOCAL_SUFFIXES, HubDataset, load_hub_dataset, local_override
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def corpus_rows(source: Any) -> list[dict[str, Any]]:
     what = f"data source {corpus.name}"
     path = local_override(corpus.name)
     if path is not None:
-        rows: Any = read_local_rows(path, what)
-        require_columns(rows, (column,), what, str(path))
+        rows: Any = read_rows(path, what, columns=(column,), suffixes=LOCAL_SUFFIXES,
+                              fix="set the source's column to the text column")
         origin = str(path)
     else:
         hint = f"source: /path/file.jsonl, or $UNLEARNING_DATA_DIR/{corpus.name}.jsonl, with a {column!r} column"

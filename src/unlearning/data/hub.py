@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.errors import DataError
-from unlearning.core.hub import HubProbeError, hub_offline, probe_hub
+from unlearning.core.errors import DataError, HubProbeError
+from unlearning.core.hub import hub_offline, probe_hub
 
 log = logging.getLogger(__name__)
 
@@ -67,43 +67,6 @@ def local_override(name: str) -> Path | None:
     if (root / name).is_dir() and any(p.suffix in LOCAL_SUFFIXES for p in (root / name).iterdir()):
         return root / name
     return None
-
-
-def read_local_rows(path: str | Path, what: str) -> list[dict[str, Any]]:
-    """Rows of a ``.parquet`` / ``.jsonl`` / ``.json`` file, or of every such file in a folder
-    (in name order; each row gets ``_file``: the file's stem, e.g. an MMLU subject)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise DataError(f"{what}: folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
-        return [{**row, "_file": f.stem} for f in files for row in read_local_rows(f, what)]
-    if not path.is_file():
-        raise DataError(f"{what}: local file {path} not found")
-    if path.suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{what}: {path} is not a {'/'.join(LOCAL_SUFFIXES)} file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{what}: {path} is empty")
-    import datasets
-
-    builder = "parquet" if path.suffix == ".parquet" else "json"
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many kinds for a malformed file
-        raise DataError(f"{what}: {path} cannot be read as {builder} ({type(e).__name__}: {e})") from None
-    if len(ds) == 0:
-        raise DataError(f"{what}: {path} has no rows")
-    return ds.to_list()
-
-
-def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], what: str, source: str) -> None:
-    """Fail naming the first row that lacks one of ``columns`` (row numbers are 1-based)."""
-    for i, row in enumerate(rows):
-        missing = [c for c in columns if c not in row]
-        if missing:
-            raise DataError(f"{what}: {source}, row {i + 1} has no {missing[0]!r} column (columns: "
-                            f"{', '.join(k for k in row if not k.startswith('_'))}); the schema is "
-                            f"{', '.join(columns)} (see docs/benchmarks.md)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +21,11 @@ import torch
 
 from unlearning.core.config import param
 from unlearning.core.errors import DataError
+from unlearning.data.corpora import corpus_rows, is_corpus
+from unlearning.data.files import read_rows, require_columns
 from unlearning.data.hub import HubDataset, load_hub_dataset
 from unlearning.core.runtime import rank, world_size
+from unlearning.organism.build import ensure_organism
 
 log = logging.getLogger(__name__)
 
@@ -73,38 +75,14 @@ class TokenizedData:
 
 
 def _read_local(path: Path, column: str) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    if path.suffix == ".txt":
-        rows = [{"text": block} for block in path.read_text().split("\n\n") if block.strip()]
-    elif path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
-    elif path.suffix == ".parquet":
-        import datasets
-        rows = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    else:
-        raise DataError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .txt")
-    if not rows:
-        raise DataError(f"{path}: the file holds no examples")
-    for i, row in enumerate(rows):
-        if column not in row and not (column == "text" and "messages" in row):
-            raise DataError(f"{path}: row {i} has no {column!r} column (columns: {', '.join(row)}); "
-                            f"set data.<corpus>.column to the text column")
+    """A local corpus file; a ``text`` column may instead be chat ``messages`` (rendered below)."""
+    rows = read_rows(path, "data source", fix="set data.<corpus>.column to the text column")
+    if column != "text" or not all("messages" in row for row in rows if "text" not in row):
+        require_columns(rows, (column,), "data source", path, fix="set data.<corpus>.column to the text column")
     return rows
 
 
 def _is_named_corpus(source: str) -> bool:
-    from unlearning.data.corpora import is_corpus
     return is_corpus(source)
 
 
@@ -122,13 +100,11 @@ def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, A
                             + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
         if organism is None:
             raise DataError(f"data source {s!r} needs an organism model (model: organism:tiny or organism:small)")
-        from unlearning.organism.build import ensure_organism
         paths = ensure_organism(organism)
         rows = _read_local(Path(paths.data) / f"{corpus}.jsonl", "text")
     elif s.startswith("hub:"):
         rows = _load_hub(s[4:], src)
     elif _is_named_corpus(s):  # wmdp_bio_forget, wikitext, ultrachat, ... (unlearning.data.corpora)
-        from unlearning.data.corpora import corpus_rows
         rows, src = corpus_rows(src), dataclasses.replace(src, column="text")
     else:
         rows = _read_local(Path(s), src.column)

@@ -36,7 +36,8 @@ from typing import Any
 
 from unlearning.core.errors import DataError, UserError
 from unlearning.evaluation.tasks import Task, TaskOptions, question_from_record, register_task
-from unlearning.data.hub import HubDataset, load_hub_dataset, local_override, read_local_rows, require_columns
+from unlearning.data.files import read_rows, require_columns
+from unlearning.data.hub import LOCAL_SUFFIXES, HubDataset, load_hub_dataset, local_override
 
 MC_COLUMNS = ("question", "choices", "answer")
 
@@ -136,7 +137,7 @@ def _hub_rows(spec: HubDataset, what: str, local_hint: str) -> tuple[dict[str, A
 
 @functools.lru_cache(maxsize=8)
 def _local_rows(path: str, mtime: float, what: str) -> tuple[dict[str, Any], ...]:
-    return tuple(read_local_rows(path, what))
+    return tuple(read_rows(path, what, suffixes=LOCAL_SUFFIXES))
 
 
 def benchmark_rows(bench: Benchmark, data_path: str | Path | None = None,
@@ -148,7 +149,7 @@ def benchmark_rows(bench: Benchmark, data_path: str | Path | None = None,
     if path is not None:
         rows = list(_local_rows(str(path), path.stat().st_mtime if path.exists() else 0.0, what))
         source = str(path)
-        require_columns(rows, bench.columns, what, source)
+        require_columns(rows, bench.columns, what, source, fix="the schema is in docs/benchmarks.md")
         column = bench.subset_column if bench.subset_column and bench.subset_column in rows[0] else None
         column = column or ("_file" if bench.subsets and "_file" in rows[0] else None)
         if column is None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from unlearning.core.errors import UserError
+from unlearning.core.errors import NonFiniteScoreError
 from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.scoring import (
@@ -43,10 +43,6 @@ from unlearning.evaluation.tasks import Task, get_tasks
 log = logging.getLogger(__name__)
 
 GROUP_AGGREGATION = "mean over questions (lm-eval weight_by_size: true), pooled stderr"
-
-
-class NonFiniteScoreError(UserError, FloatingPointError):
-    """A log-likelihood is NaN or infinite: the evaluation fails rather than report a number."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,17 +146,18 @@ def _score_requests(model, tokenizer, prompts: list[tuple[Task, str, list[str]]]
 
 
 def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, batch_size: int = 32,
-             device=None, log_samples: bool = False, limit: int | None = None, organism: str = "tiny",
-             add_bos_token: bool | None = None, max_length: int | None = None,
+             device=None, log_samples: bool = False, limit: int | None = None,
+             task_context: dict[str, Any] | None = None, add_bos_token: bool | None = None, max_length: int | None = None,
              mixed_precision: bool | None = None, fast_letter: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on ``tasks`` (Task objects or names); returns task -> metric -> value.
 
     ``limit`` keeps the first N questions of each task (lm-eval's ``--limit``). With
     ``log_samples`` each task also has ``"samples"``: one record per question. ``add_bos_token``
     ``None`` is lm-eval's default for the tokenizer; ``max_length`` ``None`` is the model's.
+    Task names resolve through the registry with ``task_context`` (see ``get_tasks``).
     """
     if isinstance(tasks, str) or any(isinstance(t, str) for t in tasks):
-        tasks = get_tasks(tasks, organism=organism)  # type: ignore[arg-type]
+        tasks = get_tasks(tasks, **(task_context or {}))  # type: ignore[arg-type]
     tasks = list(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be at least 1, got {limit}")

@@ -1,45 +1,34 @@
 """Evaluation tasks: multiple-choice questions in the letter or the question (cloze) format.
 
-A task name resolves through a registry (``TASKS``: name -> loader). Built in:
+A task name resolves through a registry (``TASKS``: name -> loader). Built in: any local
+``.json`` / ``.jsonl`` / ``.parquet`` file with ``question``, ``choices``, ``answer`` columns
+(optional ``id``, ``attribute``, ``subject``): ``path`` is the letter format, ``path:cloze`` the
+question format.
 
-* ``organism_hazard``, ``organism_benign_bio``, ``organism_general`` (letter format) and their
-  ``_cloze`` variants (question format), read from the organism cache
-  ``$UNLEARNING_HOME/organism/<preset>/data/questions/<domain>.jsonl``;
-* any local ``.json`` / ``.jsonl`` / ``.parquet`` file with ``question``, ``choices``, ``answer``
-  columns (optional ``id``, ``attribute``, ``subject``): ``path`` is the letter format,
-  ``path:cloze`` the question format.
-
-Real benchmarks (``wmdp_bio``, ``mmlu``, ...) register themselves with :func:`register_task`
-from ``unlearning.evaluation.benchmarks`` (imported here when it exists). A loader returns one
-task or several; tasks sharing a name in ``Task.groups`` are aggregated as a group (see
-``evaluate``).
+Named tasks register themselves with :func:`register_task`: the real benchmarks (``wmdp_bio``,
+``mmlu``, ...) in ``unlearning.evaluation.benchmarks``, other task families in their own packages.
+This module imports none of them (they import it); ``unlearning.tasks`` imports them all and is
+what commands use. A loader returns one task or several; tasks sharing a name in
+``Task.groups`` are aggregated as a group (see ``evaluate``).
 """
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
-import importlib
-import importlib.util
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unlearning.core.errors import DataError, UserError
+from unlearning.data.files import read_rows
 from unlearning.evaluation.prompts import FORMATS, LETTERS
-from unlearning.core.paths import unlearning_home
 
 log = logging.getLogger(__name__)
 
-ORGANISM_DOMAINS = ("hazard", "benign_bio", "general")
-# Subjects named in the letter-format header of the organism's tasks (WMDP-Bio says "biology").
-ORGANISM_SUBJECTS = {"hazard": "biology", "benign_bio": "biology", "general": "general knowledge"}
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 DEFAULT_LOCAL_SUBJECT = "general knowledge"
-PLUGIN_MODULES = ("unlearning.evaluation.benchmarks",)  # modules that register more tasks
 
 
 @dataclass
@@ -82,11 +71,13 @@ class Task:
 
 @dataclass
 class TaskOptions:
-    """What a task loader may need to know besides the task's name."""
+    """What a task loader may need to know besides the task's name.
 
-    organism: str = "tiny"  # organism preset whose cache the organism_* tasks read
+    ``context`` is what the caller passed to :func:`get_tasks` as keywords; the evaluation does not
+    interpret it, so each plugin's loaders read their own keys from it."""
+
     data_path: str | None = None  # ``--tasks NAME=PATH``: the task's questions from this local file
-    data_path: str | None = None  # ``NAME=PATH``: read task NAME from this local file (benchmarks)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 TaskLoader = Callable[[TaskOptions], "Task | list[Task]"]
@@ -145,66 +136,12 @@ def question_from_record(record: dict[str, Any], row: int, source: str, format: 
     return q
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a local JSON / JSON-lines file (read directly) or Parquet file (through ``datasets``)."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty; it needs rows with question, choices, answer")
-    if path.suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        rows = _read_json_rows(path)
-    if not rows:
-        raise DataError(f"{path}: the file has no rows; it needs rows with question, choices, answer")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    missing = [c for c in ("question", "choices", "answer") if c not in columns]
-    if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r} (from row 1); columns are "
-                        f"{', '.join(columns)}; a task file needs question, choices, answer")
-    # A column present in some rows only: the others read None, and question_from_record names the row.
-    return [{c: row.get(c) for c in columns} for row in rows]
-
-
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: cannot be read as json (line {e.lineno}: {e.msg})") from None
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: cannot be read as json: line {lineno} is not valid JSON ({e.msg})") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"{path}: every row must be a JSON object with question, choices, answer")
-    return rows
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    import datasets
-
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # a bar per small file is noise
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many kinds for a malformed file
-        raise DataError(f"{path}: cannot be read as parquet ({type(e).__name__}: {e})") from None
-    finally:
-        if bars_were_on:
-            datasets.utils.enable_progress_bars()
-    return ds.to_list()
+TASK_COLUMNS = ("question", "choices", "answer")
+TASK_FILE_FIX = "a task file has rows with question, choices, answer (optional id, subject, attribute)"
 
 
 def questions_from_file(path: Path, format: str, task_name: str) -> list[MCQuestion]:
-    records = read_records(path)
+    records = read_rows(path, columns=TASK_COLUMNS, fix=TASK_FILE_FIX, suffixes=LOCAL_SUFFIXES)
     return [question_from_record(rec, i + 1, str(path), format, default_id=f"{task_name}/{i}")
             for i, rec in enumerate(records)]
 
@@ -224,51 +161,7 @@ def is_local_file_spec(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# the organism's tasks
-
-
-def organism_questions_path(preset: str, domain: str) -> Path:
-    return unlearning_home() / "organism" / preset / "data" / "questions" / f"{domain}.jsonl"
-
-
-def _ensure_organism(preset: str) -> None:
-    """Build the organism when its cache is incomplete (``build.json`` is written last)."""
-    root = unlearning_home() / "organism" / preset
-    if (root / "build.json").exists():
-        return
-    if importlib.util.find_spec("unlearning.organism.build") is not None:
-        build = importlib.import_module("unlearning.organism.build")
-        if hasattr(build, "ensure_organism"):
-            build.ensure_organism(preset)
-            return
-    raise DataError(f"organism {preset!r} is not built (no {root / 'build.json'}); "
-                    f"run: unlearn organism build --preset {preset}")
-
-
-def organism_task(domain: str, format: str, options: TaskOptions) -> Task:
-    if options.data_path is not None:
-        path = Path(options.data_path).expanduser()
-    else:
-        _ensure_organism(options.organism)
-        path = organism_questions_path(options.organism, domain)
-    name = f"organism_{domain}" + ("_cloze" if format == "cloze" else "")
-    questions = questions_from_file(path, format, name)
-    return Task(name=name, questions=questions, format=format, subject=ORGANISM_SUBJECTS[domain])
-
-
-for _domain in ORGANISM_DOMAINS:
-    register_task(f"organism_{_domain}", lambda o, d=_domain: organism_task(d, "letter", o))
-    register_task(f"organism_{_domain}_cloze", lambda o, d=_domain: organism_task(d, "cloze", o))
-
-
-# ---------------------------------------------------------------------------------------------
 # names -> tasks
-
-
-def _load_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
 
 
 def known_tasks_summary(family_size: int = 10) -> str:
@@ -305,18 +198,20 @@ def _merge(tasks: list[Task]) -> list[Task]:
     return list(by_name.values())
 
 
-def get_tasks(names: str | Sequence[str], organism: str = "tiny") -> list[Task]:
+def get_tasks(names: str | Sequence[str], **context: Any) -> list[Task]:
     """Resolve task names (comma-separated string or list) into tasks.
 
     ``NAME`` is a registered task, ``NAME=PATH`` the same task read from a local file, and a
-    ``.json/.jsonl/.parquet`` path (optionally ``:cloze``) a task of its own.
+    ``.json/.jsonl/.parquet`` path (optionally ``:cloze``) a task of its own. ``context`` reaches
+    every loader as ``TaskOptions.context`` (e.g. which model family's cache a plugin's tasks
+    read); loaders ignore keys they do not use. Only registered tasks are known: import
+    ``unlearning.tasks`` for the complete registry.
     """
-    _load_plugins()
     tasks: list[Task] = []
     for name in split_task_names(names):
         registered, _, data_path = name.partition("=")
         if registered in TASKS:
-            loaded = TASKS[registered](TaskOptions(organism=organism, data_path=data_path or None))
+            loaded = TASKS[registered](TaskOptions(data_path=data_path or None, context=context))
             tasks.extend(loaded if isinstance(loaded, list) else [loaded])
         elif "=" in name and not Path(name).exists():  # NAME=PATH with a NAME that is not a task
             raise UserError(f"tasks: {name!r}: unknown task {registered!r}; known tasks: {known_tasks_summary()}")
@@ -328,5 +223,5 @@ def get_tasks(names: str | Sequence[str], organism: str = "tiny") -> list[Task]:
                             f"{'/'.join(LOCAL_SUFFIXES)} file with question, choices, answer columns "
                             f"(add :cloze for the question format)")
     if not tasks:
-        raise UserError("tasks: no task named; give e.g. --tasks organism_hazard_cloze,organism_general_cloze")
+        raise UserError(f"tasks: no task named; give one or more of: {known_tasks_summary()}")
     return _merge(tasks)

@@ -18,7 +18,8 @@ Masks are cached under ``$UNLEARNING_HOME/masks`` keyed by the data's token fing
 tokenizer, the mask settings and (for model-based kinds) the model and artifact, so a changed
 dataset never reuses a stale mask. :func:`mask_quality` scores a mask against the organism's
 ``hazard_labels`` (share of tokens, precision, recall). Training the probe and the SAE lives in
-:mod:`unlearning.masking.models`.
+:mod:`unlearning.masking.models`; reading activations and the cache folder, which both use, in
+:mod:`unlearning.masking.activations` (so masks imports models and never the other way).
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.data.text import TokenizedData
-from unlearning.core.errors import UserError
-from unlearning.core.paths import unlearning_home
+from unlearning.masking.activations import cache_dir, default_layer, iter_activations
+from unlearning.masking.models import load_scorer, resolve_artifact
+from unlearning.model.layers import check_layers, get_parts
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def model_fingerprint(model: nn.Module, layer: int | None) -> str:
     """Name, config and the weights up to ``layer`` (what an activation at that layer depends on)."""
-    from unlearning.model.layers import get_parts
     parts = get_parts(model)
     h = hashlib.sha256(json.dumps(parts.model.config.to_dict(), sort_keys=True, default=str).encode())
     modules = [parts.embed] + list(parts.layers[: (layer if layer is not None else len(parts.layers) - 1) + 1])
@@ -119,32 +121,6 @@ def model_fingerprint(model: nn.Module, layer: int | None) -> str:
 
 def file_fingerprint(path: str | Path) -> str:
     return _sha(Path(path).read_bytes())
-
-
-def cache_dir() -> Path:
-    return unlearning_home() / "masks"
-
-
-# ----------------------------------------------------------------------------------------------
-# Activations
-
-
-def iter_activations(model: nn.Module, data: TokenizedData, layer: int, device: torch.device,
-                     batch_size: int = 16) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """``(rows, hidden [b, seq, d] float32, valid [b, seq] bool)`` for consecutive row slices."""
-    from unlearning.model.layers import forward_until
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                rows = slice(start, min(start + batch_size, len(data)))
-                ids = data.input_ids[rows].to(device)
-                attn = data.attention_mask[rows].to(device)
-                hidden = forward_until(model, ids, attn, [layer])[layer].float()
-                yield rows, hidden, attn.bool()
-    finally:
-        model.train(was_training)
 
 
 def mean_activation(model: nn.Module, data: TokenizedData, layer: int, device: torch.device,
@@ -231,11 +207,6 @@ def artifact_mask(model: nn.Module, forget: TokenizedData, scorer: Any, threshol
     return out
 
 
-def default_layer(model: nn.Module) -> int:
-    from unlearning.model.layers import num_layers
-    return num_layers(model) // 2
-
-
 def compute_mask(cfg: MaskConfig, forget: TokenizedData, *, tokenizer: Any, model: nn.Module | None = None,
                  retain: TokenizedData | None = None, device: torch.device | None = None,
                  model_name: str | None = None) -> Tensor | None:
@@ -252,12 +223,10 @@ def compute_mask(cfg: MaskConfig, forget: TokenizedData, *, tokenizer: Any, mode
         return _cached(cfg, key, lambda: keyword_mask(forget, tokenizer, cfg.keywords, cfg.window))
     if model is None or device is None:
         raise ValueError(f"mask.kind {cfg.kind} needs the model and device")
-    from unlearning.masking.models import load_scorer, resolve_artifact
     if cfg.kind == "activation":
         if retain is None:
             raise ValueError("mask.kind activation needs the retain data for its prototype")
         layer = cfg.layer if cfg.layer is not None else default_layer(model)
-        from unlearning.model.layers import check_layers
         check_layers(model, [layer], "mask.layer")
         key = _sha("activation", layer, cfg.default_threshold(), forget.fingerprint(), retain.fingerprint(),
                    tokenizer_fingerprint(tokenizer), model_fingerprint(model, layer))
@@ -276,7 +245,6 @@ def compute_mask(cfg: MaskConfig, forget: TokenizedData, *, tokenizer: Any, mode
 
 
 def _cached(cfg: MaskConfig, key: str, compute: Any) -> Tensor:
-    from safetensors.torch import load_file, save_file
     path = cache_dir() / f"{cfg.kind}-{key}.safetensors"
     if cfg.cache and path.exists():
         log.info("mask: reusing the cached %s mask %s", cfg.kind, path.name)

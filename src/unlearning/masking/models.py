@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unlearning.core.config import param
-from unlearning.data.text import TokenizedData
 from unlearning.core.errors import UserError
+from unlearning.core.rundir import safe_name
+from unlearning.data.text import TokenizedData
+from unlearning.masking.activations import cache_dir, default_layer, iter_activations
+from unlearning.model.layers import check_layers
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,6 @@ class SparseAutoencoder(nn.Module):
 def collect_activations(model: nn.Module, data: TokenizedData, layer: int, device: torch.device,
                         max_tokens: int, seed: int = 0, batch_size: int = 16) -> Tensor:
     """Up to ``max_tokens`` non-padding token activations at ``layer``, sampled uniformly, on the CPU."""
-    from unlearning.masking.masks import iter_activations
     chunks = [h[valid].cpu() for _, h, valid in iter_activations(model, data, layer, device, batch_size)]
     acts = torch.cat(chunks)
     if len(acts) > max_tokens:
@@ -172,7 +176,6 @@ def train_sae(forget_acts: Tensor, retain_acts: Tensor, layer: int, cfg: ScorerT
 
 
 def save_scorer(scorer: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kind = "probe" if isinstance(scorer, LinearProbe) else "sae"
@@ -185,7 +188,6 @@ def save_scorer(scorer: nn.Module, path: str | Path, meta: dict[str, Any]) -> Pa
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         raw = (f.metadata() or {}).get("unlearning_mask")
     if raw is None:
@@ -195,7 +197,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_scorer(path: str | Path, top_latents: int = 16) -> LinearProbe | SparseAutoencoder:
-    from safetensors.torch import load_file
     meta = read_meta(path)
     tensors = load_file(str(path))
     if meta["kind"] == "probe":
@@ -210,14 +211,11 @@ def load_scorer(path: str | Path, top_latents: int = 16) -> LinearProbe | Sparse
 
 
 def default_artifact_path(model_name: str, kind: str, layer: int) -> Path:
-    from unlearning.masking.masks import cache_dir
-    from unlearning.core.rundir import safe_name
     return cache_dir() / "artifacts" / f"{safe_name(model_name)}-{kind}-L{layer}.safetensors"
 
 
 def resolve_artifact(cfg: Any, model: nn.Module, model_name: str | None) -> Path:
     """``cfg.artifact``, or the default path for the model, kind and layer; a clear error if missing."""
-    from unlearning.masking.masks import default_layer
     if cfg.artifact:
         path = Path(cfg.artifact).expanduser()
     else:
@@ -237,7 +235,6 @@ def resolve_artifact(cfg: Any, model: nn.Module, model_name: str | None) -> Path
 def train_scorer(kind: str, model: nn.Module, forget: TokenizedData, retain: TokenizedData, layer: int,
                  device: torch.device, cfg: ScorerTrainConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Collect activations at ``layer`` and train a probe or SAE on them."""
-    from unlearning.model.layers import check_layers
     check_layers(model, [layer], "layer")
     acts_f = collect_activations(model, forget, layer, device, cfg.max_tokens, cfg.seed)
     acts_r = collect_activations(model, retain, layer, device, cfg.max_tokens, cfg.seed + 1)

@@ -14,15 +14,12 @@ The contract each module in :data:`METHODS` fulfils:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
-import torch
+from unlearning.core.errors import ConfigError
+from unlearning.methods.context import BuildContext
 
-from unlearning.core.config import ConfigError
-from unlearning.data.text import TokenizedData
-from unlearning.training.loop import TrainConfig
+__all__ = ["METHODS", "BuildContext", "method_module"]
 
 METHODS = {
     "sequential": "unlearning.methods.sequential",
@@ -30,18 +27,6 @@ METHODS = {
     "circuit_breaker": "unlearning.methods.circuit_breaker",
     "rmu": "unlearning.methods.rmu",
 }
-
-
-@dataclass
-class BuildContext:
-    """What a method's ``build`` gets from the run."""
-    model_name: str                    # resolved (no "auto"): masks and teachers are found from it
-    tokenizer: Any
-    data: dict[str, TokenizedData]     # "forget", "retain"; a mask adds ``loss_mask`` to the forget rows
-    device: torch.device
-    train: TrainConfig                 # batch size and accumulation turn epochs into steps
-    seed: int = 0
-    model_dtype: str = "fp32"          # the precision the weights are held in (a teacher loads the same way)
 
 
 def method_module(name: str) -> ModuleType:

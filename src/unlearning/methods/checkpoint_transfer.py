@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts
-from unlearning.methods import BuildContext
+from unlearning.methods.context import BuildContext
 from unlearning.model.affine import load_affine
 from unlearning.model.loading import load_model
 from unlearning.core.runtime import resolve_dtype

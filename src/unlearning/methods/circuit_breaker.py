@@ -28,7 +28,7 @@ from unlearning.model.layers import get_parts
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
                                                resolve_target_layers, training_steps)
-from unlearning.methods import BuildContext
+from unlearning.methods.context import BuildContext
 from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)

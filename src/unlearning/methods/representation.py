@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from unlearning.training import losses
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import capture_hidden, forward_until, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
-from unlearning.methods import BuildContext
+from unlearning.methods.context import BuildContext
 from unlearning.methods.shared import DEFAULT_LAYERS, Coefficients, steps_from_epochs
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.training.trainable import LoraSettings

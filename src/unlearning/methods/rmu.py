@@ -31,7 +31,7 @@ from unlearning.core.config import param
 from unlearning.model.layers import forward_until, get_parts, parse_layer_spec
 from unlearning.methods.representation import (RepresentationMethod, TrainingShape, forward_hidden,
                                                apply_forget_mask, training_steps)
-from unlearning.methods import BuildContext
+from unlearning.methods.context import BuildContext
 from unlearning.training.trainable import prepare_trainable
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts, parse_layer_spec
 from unlearning.masking.masks import MaskConfig, apply_mask
-from unlearning.methods import BuildContext
+from unlearning.methods.context import BuildContext
 from unlearning.methods.shared import DEFAULT_LAYERS, Coefficients, steps_from_epochs
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.methods.sequential_losses import (RETAIN_KINDS, ForgetKind, forget_loss, logits_of, probe_logits,

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unlearning.core.config import ConfigError
-from unlearning.core.errors import UserError
+from unlearning.core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from unlearning.core.errors import ModelNotFoundError, UserError
-from unlearning.core.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
+from unlearning.core.errors import HubProbeError, ModelNotFoundError, UserError
+from unlearning.core.hub import HUB_TIMEOUT_S, hub_offline, probe_hub
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device, resolve_dtype
 

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from unlearning.core.config import ConfigError
-from unlearning.core.errors import UserError
+from unlearning.core.errors import ConfigError, UserError
 from unlearning.model.layers import check_layers, get_parts, num_layers
 
 

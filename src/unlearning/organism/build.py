@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from unlearning.core.config import to_dict
 from unlearning.core.io import atomic_write_json, read_json
 from unlearning.organism.corpus import read_documents, write_corpora
+from unlearning.organism.questions import domain_task, task_name
 from unlearning.organism.presets import FORMAT_VERSION, OrganismConfig, get_preset
 from unlearning.organism.pretrain import PretrainJob, count_tokens, plan_checkpoints
 from unlearning.organism.tokenizer import build_tokenizer
@@ -165,16 +166,13 @@ def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: boo
 
 
 def _tasks(data: Path, half: str) -> list:
-    from unlearning.evaluation.tasks import ORGANISM_SUBJECTS, Task, questions_from_file
-
     tasks = []
     folder = data / ("questions" if half == "heldout" else "questions_qa")
     for domain in DOMAINS:
         for fmt in FORMATS if half == "heldout" else ("cloze",):
-            # the evaluation's own organism_* names; built from the files since the cache is not complete yet
-            name = f"organism_{domain}" + ("_cloze" if fmt == "cloze" else "") + ("" if half == "heldout" else "@qa")
-            tasks.append(Task(name=name, questions=questions_from_file(folder / f"{domain}.jsonl", fmt, name),
-                              format=fmt, subject=ORGANISM_SUBJECTS[domain]))
+            # the registered organism_* names; built from the files since the cache is not complete yet
+            name = task_name(domain, fmt) + ("" if half == "heldout" else "@qa")
+            tasks.append(domain_task(folder / f"{domain}.jsonl", domain, fmt, name))
     return tasks
 
 
@@ -313,19 +311,6 @@ def check_bars(quality: dict[str, Any], cfg: OrganismConfig) -> dict[str, bool]:
         gap = abs(fil["general"]["cloze"]["acc"] - unf["general"]["cloze"]["acc"])
         out[f"general_gap<={cfg.bars.filtered_general_gap_max}"] = gap <= cfg.bars.filtered_general_gap_max
     return out
-
-
-def quality_table(quality: dict[str, Any]) -> str:
-    """One row per model (twins, then checkpoints), held-out accuracy per domain and format."""
-    rows = [("model", *[f"{d}/{f}" for d in DOMAINS for f in FORMATS])]
-    models = [(t, quality[t]) for t in TWINS] + [(f"@{r}", q) for r, q in quality["checkpoints"].items()]
-    for name, q in models:
-        rows.append((name, *[f"{q['heldout'][d][f]['acc']:.3f}" for d in DOMAINS for f in FORMATS]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.append(f"held-out entities; cloze = question format (headline), letter = A-D format; "
-                 f"early checkpoint: {quality['early_checkpoint']}")
-    return "\n".join(lines)
 
 
 def build_organism(cfg: OrganismConfig, paths: OrganismPaths) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 from unlearning.core.config import param
 from unlearning.evaluation.prompts import LETTERS, cloze_prompt, letter_prompt
-from unlearning.evaluation.tasks import ORGANISM_SUBJECTS
 from unlearning.core.io import atomic_write_text
+from unlearning.organism.questions import SUBJECTS
 from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HALVES, Attribute, Entity, World, rng_for
 
 # The tokenizer carries the same template, so apply_chat_template(messages) == the rendered "text".
@@ -97,7 +97,7 @@ def qa_document(question: str, answer: str) -> str:
 
 def letter_document(domain: str, question: str, choices: list[str], answer: int) -> str:
     """A letter-format question (lm-eval's MMLU/WMDP prompt) followed by its answer letter."""
-    context, continuations = letter_prompt(question, choices, ORGANISM_SUBJECTS[domain])
+    context, continuations = letter_prompt(question, choices, SUBJECTS[domain])
     return context + continuations[answer]
 
 

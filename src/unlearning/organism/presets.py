@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from unlearning.core.config import ConfigError, from_dict, merge, param, to_dict
+from unlearning.core.config import from_dict, merge, param, to_dict
+from unlearning.core.errors import ConfigError
 from unlearning.organism.corpus import CorpusConfig
 from unlearning.organism.pretrain import ModelConfig, TrainConfig
 from unlearning.organism.tokenizer import TokenizerConfig

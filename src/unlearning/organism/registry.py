@@ -11,12 +11,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from unlearning.core.config import read_yaml
 from unlearning.core.errors import ModelNotFoundError
+from unlearning.organism.build import ensure_organism
 from unlearning.organism.presets import PRESETS
 
 PREFIX = "organism:"
 _NAME = re.compile(r"^organism:(?P<preset>[^@]+?)(?P<filtered>-filtered)?(?:@(?P<revision>[^@]+))?$")
 MAIN_REVISIONS = (None, "", "main")
+RUN_CONFIG = "config.yaml"  # a run directory's config; its ``model`` names the model the run started from
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,23 @@ def is_organism_name(name: str) -> bool:
     return str(name).startswith(PREFIX)
 
 
-def parse_organism_name(name: str, revision: str | None = None) -> OrganismName:
-    """Split ``organism:<preset>[-filtered][@<revision>]``; ``revision`` may also come separately."""
+def _match(name: str) -> re.Match[str]:
+    """The name's parts, its preset checked (the combinations are checked by the callers)."""
     match = _NAME.match(str(name))
     if not match:
         raise ModelNotFoundError(
             f"model: {name!r} is not an organism name; write organism:<preset>[-filtered][@step<N>|@early] "
             f"with a preset among {', '.join(PRESETS)}")
-    preset = match["preset"]
-    if preset not in PRESETS:
-        raise ModelNotFoundError(f"model: unknown organism preset {preset!r} in {name!r}; "
+    if match["preset"] not in PRESETS:
+        raise ModelNotFoundError(f"model: unknown organism preset {match['preset']!r} in {name!r}; "
                                  f"choose one of {', '.join(PREFIX + p for p in PRESETS)}")
+    return match
+
+
+def parse_organism_name(name: str, revision: str | None = None) -> OrganismName:
+    """Split ``organism:<preset>[-filtered][@<revision>]``; ``revision`` may also come separately."""
+    match = _match(name)
+    preset = match["preset"]
     in_name = match["revision"]
     revision = None if revision in MAIN_REVISIONS else revision
     if in_name and revision and in_name != revision:
@@ -53,10 +62,27 @@ def parse_organism_name(name: str, revision: str | None = None) -> OrganismName:
     return OrganismName(preset=preset, filtered=bool(match["filtered"]), revision=revision)
 
 
+def organism_preset(model: str | Path) -> str | None:
+    """The organism preset behind a model: ``organism:small-filtered@step200`` -> ``small``; a run
+    directory -> the preset of the model its ``config.yaml`` names (followed through runs of runs);
+    ``None`` for any other model. The one parser of model names into presets: runner, commands and
+    attacks all ask here (an unknown preset fails here, naming the known ones)."""
+    seen: set[str] = set()
+    text = str(model)
+    while not is_organism_name(text):
+        config = Path(text).expanduser() / RUN_CONFIG
+        if text in seen or not config.is_file():
+            return None
+        seen.add(text)
+        inner = read_yaml(config).get("model")
+        if not isinstance(inner, str):
+            return None
+        text = inner
+    return _match(text)["preset"]
+
+
 def resolve_organism(name: str, revision: str | None = None) -> Path:
     """The save_pretrained() folder an organism name and revision point to (built if missing)."""
-    from unlearning.organism.build import ensure_organism
-
     parsed = parse_organism_name(name, revision)
     paths = ensure_organism(parsed.preset)
     if parsed.filtered:

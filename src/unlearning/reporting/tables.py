@@ -1,18 +1,27 @@
-"""Plain-text tables of results, in the notebooks' layout (a baseline row first)."""
+"""Every table the project prints, as Markdown through one formatter (:func:`format_table`):
+results before/after unlearning (a baseline row first, the notebooks' layout), ``unlearn eval``'s
+per-task table and the organism build's quality table."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from unlearning.organism.build import FORMATS, TWINS
+from unlearning.organism.world import DOMAINS
 
-def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; floats to 4 places, missing values as '-'."""
+EVAL_HEADER = ["task", "format", "n", "acc", "±", "acc_norm", "correct_prob"]
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
+    """A Markdown table; floats to ``digits`` places, missing values as '-'."""
     def cell(v: Any) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:.{digits}f}"
         return str(v)
+    header = [str(h) for h in header]
     cells = [[cell(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
@@ -39,3 +48,21 @@ def results_table(results: dict[str, Any], metrics: tuple[str, ...] = ("acc", "c
                 keys.append((t, m))
     rows = [[labels[k]] + [results[k].get(t, {}).get(m) for t, m in keys] for k in present]
     return format_table(header, rows)
+
+
+def eval_table(results: dict[str, dict[str, Any]]) -> str:
+    """``unlearn eval``'s table: one row per task (groups last): n, acc ± stderr, acc_norm, correct_prob."""
+    ordered = sorted(results.items(), key=lambda kv: "subtasks" in kv[1])
+    rows = [[name, r["format"], r["n"], r.get("acc"), r.get("acc_stderr"), r.get("acc_norm"), r.get("correct_prob")]
+            for name, r in ordered]
+    return format_table(EVAL_HEADER, rows)
+
+
+def quality_table(quality: dict[str, Any]) -> str:
+    """The organism build's quality: one row per model (twins, then checkpoints), held-out accuracy per
+    domain and format."""
+    models = [(t, quality[t]) for t in TWINS] + [(f"@{r}", q) for r, q in quality["checkpoints"].items()]
+    rows = [[name, *[q["heldout"][d][f]["acc"] for d in DOMAINS for f in FORMATS]] for name, q in models]
+    table = format_table(["model", *[f"{d}/{f}" for d in DOMAINS for f in FORMATS]], rows, digits=3)
+    return (f"{table}\nheld-out entities; cloze = question format (headline), letter = A-D format; "
+            f"early checkpoint: {quality['early_checkpoint']}")

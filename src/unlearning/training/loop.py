@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.core.logs import MetricsLogger
 from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, resolve_dtype, world_size
 from unlearning.training.checkpoint import (Checkpointer, Position, load_tensors, rng_state, set_rng_state,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unlearning.core.config import ConfigError, param
+from unlearning.core.config import param
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts, parse_layer_spec
 from unlearning.model.originals import OriginalWeights
 

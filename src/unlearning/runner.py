@@ -18,6 +18,7 @@ import torch
 
 from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
+from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, method_module
 from unlearning.training.loop import Checkpointer, TrainConfig, train
 from unlearning.core.rundir import RunDir, safe_name
@@ -25,9 +26,6 @@ from unlearning.core.runtime import (barrier, init_distributed, is_main_process,
                                 seed_everything)
 
 log = logging.getLogger(__name__)
-
-ORGANISM_TASKS = ["organism_hazard_cloze", "organism_benign_bio_cloze", "organism_general_cloze"]
-
 
 @dataclass
 class DataConfig:
@@ -41,10 +39,9 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalSettings):
+    """The shared evaluation settings, plus what only a run has: the before row and a reference."""
     tasks: list[str] = param(ORGANISM_TASKS, help="tasks for before/after evaluation")
-    batch_size: int = param(32, min=1)
-    limit: int | None = param(None, min=1, help="questions per task (for quick checks)")
     before: bool = param(True, help="also evaluate the model before unlearning")
     reference: str | None = param("auto", help="a reference model row: auto = the organism's filtered twin")
 
@@ -129,7 +126,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | N
                    device: torch.device) -> dict[str, Any]:
     from unlearning.evaluation import evaluate, get_tasks
     tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
-    return evaluate(model, tokenizer, tasks, batch_size=cfg.eval.batch_size, device=device, limit=cfg.eval.limit)
+    return evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs())
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | None) -> Any:
@@ -152,7 +149,8 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
     return model
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
+    # overwrite / force: declared by `unlearn run`, implemented by the run life cycle (LIFE's branch)
     from unlearning.model.loading import load_model
     init_distributed()
     model_name = resolved_model_name(cfg.model)

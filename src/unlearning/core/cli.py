@@ -188,12 +188,13 @@ class Spec:
         return ConfigError(f"{name}: unknown key{hint}; allowed keys are "
                            f"{', '.join(k.replace('_', '-') for k in level)}; see --help")
 
+    def usage(self, prog: str) -> str:
+        words = [k.path.upper() + ("..." if k.meta.get("many") else "") if k.default is dataclasses.MISSING
+                 else f"[{k.path.upper()}]" for k in self.positional]
+        return " ".join([f"usage: {prog}", *words, "[--key value ...]"])
+
     def help(self, prog: str, description: str) -> str:
-        usage = " ".join([f"usage: {prog}"] + [k.path.upper() + ("..." if k.meta.get("many") else "")
-                                                  if k.default is dataclasses.MISSING
-                                                  else f"[{k.path.upper()}]" for k in self.positional]
-                         + ["[--key value ...]"])
-        lines = [usage, ""]
+        lines = [self.usage(prog), ""]
         if description.strip():
             lines += [description.strip().replace("``", ""), ""]
         lines += ["Keys are --key value or --key=value; dashes and underscores are the same; lists are "
@@ -342,6 +343,9 @@ def parse_command(cls: type[T], argv: Sequence[str], *, prog: str, description: 
         take = bare if key.meta.get("many") else bare[:1]
         bare = bare[len(take):]
         _put(options, key.path, convert(take if key.meta.get("many") else take[0], key), extend=True)
+    missing = [k for k in spec.positional if k.default is dataclasses.MISSING and k.path not in options]
+    if missing:
+        raise ConfigError(f"{missing[0].path}: required; {spec.usage(prog).removeprefix('usage: ')} (see --help)")
     if bare:
         takes = ", ".join(k.path.upper() for k in spec.positional) or "no bare arguments"
         raise ConfigError(f"{bare[0]}: unexpected argument; {prog} takes {takes} and --key value options")

@@ -121,8 +121,10 @@ def test_eval_settings_reach_evaluate_in_run_and_tamper(monkeypatch):
     def fake_evaluate(model, tokenizer, tasks, **kwargs):
         calls.append(kwargs)
         return {"t": {"acc": 0.5, "n": 1, "format": "cloze"}}
-    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    monkeypatch.setattr(evaluation, "get_tasks", lambda names, organism=None: list(names))
+    from unlearning.attacks import tamper as attacks_tamper
+    for module in (evaluation, runner, attacks_tamper):  # imported at call time or at module level
+        monkeypatch.setattr(module, "evaluate", fake_evaluate, raising=False)
+        monkeypatch.setattr(module, "get_tasks", lambda names, organism=None: list(names), raising=False)
     (_, overrides) = parse(run_command.RunOptions, ["--eval.add-bos-token", "--eval.max_length", "64",
                                                     "--eval.mixed-precision", "false"], config=RunConfig)
     cfg = load_run_config(run_command.default_config_path(), overrides)

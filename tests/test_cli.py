@@ -232,3 +232,14 @@ def test_every_shipped_config_loads(path, monkeypatch):
     else:
         cfg = load_run_config(path)
         assert cfg.eval.tasks
+
+
+def test_tamper_resume_allows_another_eval_batch_size_only(tmp_path):
+    from unlearning.attacks.tamper import AttackConfig, _check_resumable, new_curve
+    curve = new_curve(AttackConfig(), "a", None)
+    other = AttackConfig()
+    other.eval.batch_size = 4
+    _check_resumable(curve, other, tmp_path)  # the batch size changes no number
+    other.eval.add_bos_token = True
+    with pytest.raises(ConfigError, match=r"eval\.add_bos_token changed"):
+        _check_resumable(curve, other, tmp_path)

@@ -27,6 +27,7 @@ from unlearning.core.runtime import (barrier, init_distributed, is_main_process,
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class DataConfig:
     forget: TextSource = field(default_factory=lambda: TextSource("organism:forget"))

@@ -80,7 +80,7 @@ class AttackConfig:
         "auto", help="compute precision (autocast); weights and optimizer state stay fp32")
     lora_rank: int = param(0, min=0, help="LoRA rank on all linear layers; 0 = full fine-tuning")
     lora_alpha: float | None = param(None, min=0, help="LoRA alpha (default 2 x rank)")
-    eval: AttackEvalSettings = field(default_factory=lambda: AttackEvalSettings())
+    eval: AttackEvalSettings = field(default_factory=AttackEvalSettings)
     organism: str | None = param(None, help="organism preset for organism:* data and tasks (default: from the model)")
     seed: int = 0
     device: str = "auto"
@@ -193,10 +193,16 @@ def new_curve(cfg: AttackConfig, name: str, references: dict[str, Any] | None) -
             "train_losses": [], "points": []}
 
 
-def _dotted(config: dict[str, Any]) -> dict[str, Any]:
-    """``{"eval": {"batch_size": 8}}`` -> ``{"eval.batch_size": 8}``: sections compare key by key."""
-    return {f"{k}.{sub}" if isinstance(v, dict) and v else k: x for k, v in config.items()
-            for sub, x in (_dotted(v).items() if isinstance(v, dict) and v else [(None, v)])}
+def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"eval": {"batch_size": 8}}`` -> ``{"eval.batch_size": 8}``: sections compare key by key,
+    so a free key inside one (``eval.batch_size``) can change on resume."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _check_resumable(curve: dict[str, Any], cfg: AttackConfig, path: Path) -> None:

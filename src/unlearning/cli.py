@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from unlearning import __version__
 from unlearning.core.errors import UserError
 
 # Set before torch is imported anywhere: busy-waiting OpenMP threads make small CPU runs crawl.
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] == "--version":
-        from unlearning import __version__
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

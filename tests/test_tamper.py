@@ -56,7 +56,7 @@ def local_config(root: Path, **overrides) -> AttackConfig:
     base = {"model": str(root / "model"), "data": {"source": str(root / "data.jsonl")}, "examples": 16,
             "seq_len": 32, "steps": 4, "eval_every": 2, "batch_size": 2, "grad_accum": 2,
             "optimizer": {"lr": 3e-3, "schedule": "linear", "weight_decay": 0.0},
-            "tasks": [f"{root / 'questions.jsonl'}:cloze"], "dtype": "fp32", "device": "cpu"}
+            "eval": {"tasks": [f"{root / 'questions.jsonl'}:cloze"]}, "dtype": "fp32", "device": "cpu"}
     base.update(overrides)
     return from_dict(AttackConfig, base)
 
@@ -346,8 +346,8 @@ def test_step0_equals_a_plain_evaluate(organism, tmp_path):
     from unlearning.tasks import get_tasks
     from unlearning.model.loading import load_model
     cfg = from_dict(AttackConfig, {"model": "organism:tiny", "steps": 1, "eval_every": 1, "examples": 8,
-                                   "seq_len": 64, "eval_limit": 24, "device": "cpu", "dtype": "fp32",
-                                   "tasks": ["organism_hazard_cloze", "organism_general_cloze"]})
+                                   "seq_len": 64, "device": "cpu", "dtype": "fp32",
+                                   "eval": {"limit": 24, "tasks": ["organism_hazard_cloze", "organism_general_cloze"]}})
     curve = run_attack(cfg, tmp_path / "a")
     model, tok = load_model("organism:tiny", dtype=torch.float32, device="cpu")
     plain = evaluate(model, tok, get_tasks(cfg.tasks, organism="tiny"), limit=24, device="cpu")

@@ -1,7 +1,8 @@
 """The one command-line entry point: ``unlearn <command> ...``.
 
-Each command lives in ``unlearning.commands.<module>`` and exposes ``main(argv) -> int``;
-this file only dispatches, so importing it stays cheap.
+Each command lives in ``unlearning.commands.<module>`` and exposes ``main(argv) -> int``; its
+options are one dataclass read by :mod:`unlearning.core.cli`. This file only dispatches and
+imports a command's module when that command runs, so ``unlearn --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+from unlearning import __version__
+from unlearning.core.errors import UserError
 
 # Set before torch is imported anywhere: busy-waiting OpenMP threads make small CPU runs crawl.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] == "--version":
-        from unlearning import __version__
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
@@ -48,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unlearn: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"unlearning.commands.{COMMANDS[name][0]}")
-    from unlearning.core.errors import UserError
     try:
         return int(module.main(rest) or 0)
     except UserError as e:

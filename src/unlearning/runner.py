@@ -19,6 +19,7 @@ import torch
 from unlearning.core.config import from_dict, load_config, param, to_dict
 from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
+from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, BuildContext, method_module
 from unlearning.organism.registry import organism_preset
 from unlearning.training.loop import Checkpointer, TrainConfig, train
@@ -27,8 +28,6 @@ from unlearning.core.runtime import (barrier, init_distributed, is_main_process,
                                 seed_everything)
 
 log = logging.getLogger(__name__)
-
-ORGANISM_TASKS = ["organism_hazard_cloze", "organism_benign_bio_cloze", "organism_general_cloze"]
 
 
 @dataclass
@@ -43,10 +42,9 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalSettings):
+    """The shared evaluation settings, plus what only a run has: the before row and a reference."""
     tasks: list[str] = param(ORGANISM_TASKS, help="tasks for before/after evaluation")
-    batch_size: int = param(32, min=1)
-    limit: int | None = param(None, min=1, help="questions per task (for quick checks)")
     before: bool = param(True, help="also evaluate the model before unlearning")
     reference: str | None = param("auto", help="a reference model row: auto = the organism's filtered twin")
 
@@ -125,7 +123,7 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | N
     from unlearning.evaluation import evaluate
     from unlearning.tasks import get_tasks
     tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
-    return evaluate(model, tokenizer, tasks, batch_size=cfg.eval.batch_size, device=device, limit=cfg.eval.limit)
+    return evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs())
 
 
 def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | None) -> Any:
@@ -148,7 +146,8 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
     return model
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
+    # overwrite / force: declared by `unlearn run`, implemented by the run life cycle (LIFE's branch)
     from unlearning.model.loading import load_model
     init_distributed()
     model_name = resolved_model_name(cfg.model)

@@ -100,8 +100,13 @@ def _run_one(cfg: Any) -> dict[str, Any]:
 
 
 def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "local",
-             slurm: dict[str, Any] | None = None, skip_done: bool = True) -> list[tuple[GridRow, Path]]:
-    """Run every row; returns (row, run directory) pairs."""
+             slurm: dict[str, Any] | None = None, skip_done: bool = True, overrides: dict[str, Any] | None = None,
+             retry_failed: bool = False) -> list[tuple[GridRow, Path]]:
+    """Run every row; returns (row, run directory) pairs.
+
+    ``overrides`` (run-config keys for every row) and ``retry_failed``: passed by ``unlearn sweep``;
+    applied by the sweep life cycle (until then the command merges ``overrides`` into the base).
+    """
     from unlearning.core.rundir import RunDir
     configs = [(row, row_config(grid, row, output_dir)) for row in grid.rows]  # validate all before any runs
     todo, out = [], []

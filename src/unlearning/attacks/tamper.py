@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 from unlearning import evaluation  # looked up at call time, so a test can stand in for evaluate
+from unlearning.evaluation.settings import EvalSettings
 from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
 from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, NonFiniteLossError
@@ -58,13 +59,19 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ["organism_hazard_cloze"]
 GENERAL_TASK = "organism_general_cloze"
 # Fields that may change between a killed attack and its resumption without changing the curve.
-RESUME_FREE = ("eval_batch_size", "device", "label")
+RESUME_FREE = ("eval.batch_size", "device", "label")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def notebook_optimizer() -> OptimizerConfig:
     """The notebook's SFT recipe (transformers Trainer defaults): AdamW 2e-5, linear decay, no decay."""
     return OptimizerConfig(lr=2e-5, weight_decay=0.0, schedule="linear")
+
+
+@dataclass
+class AttackEvalSettings(EvalSettings):
+    """The shared evaluation settings; an attack evaluates the hazard task by default."""
+    tasks: list[str] = param(DEFAULT_TASKS, help="evaluated tasks; the first is the primary one (plots, table)")
 
 
 @dataclass
@@ -86,17 +93,20 @@ class AttackConfig:
         "auto", help="compute precision (autocast); weights and optimizer state stay fp32")
     lora_rank: int = param(0, min=0, help="LoRA rank on all linear layers; 0 = full fine-tuning")
     lora_alpha: float | None = param(None, min=0, help="LoRA alpha (default 2 x rank)")
-    tasks: list[str] = param(DEFAULT_TASKS, help="evaluated tasks; the first is the primary one (plots, table)")
-    eval_batch_size: int = param(32, min=1)
-    eval_limit: int | None = param(None, min=1, help="questions per task (quick checks)")
+    eval: AttackEvalSettings = field(default_factory=AttackEvalSettings)
     organism: str | None = param(None, help="organism preset for organism:* data and tasks (default: from the model)")
     seed: int = 0
     device: str = "auto"
     label: str | None = param(None, help="the attack's name in tables and plots")
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ConfigError("tasks: at least one evaluation task is needed")
+        if not self.eval.tasks:
+            raise ConfigError("eval.tasks: at least one evaluation task is needed")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The evaluated tasks (``eval.tasks``); the first is the primary one."""
+        return self.eval.tasks
 
 
 # ----------------------------------------------------------------------------- models and references
@@ -115,8 +125,7 @@ def evaluation_point(model: Any, tokenizer: Any, cfg: AttackConfig, device: torc
     """``{"eval": {...}}``, or ``{"error": ...}`` when the evaluation raises or returns a non-number."""
     try:
         tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
-        results = compact_eval(evaluation.evaluate(model, tokenizer, tasks, batch_size=cfg.eval_batch_size,
-                                        device=device, limit=cfg.eval_limit))
+        results = compact_eval(evaluation.evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs()))
         for task in cfg.tasks:
             acc = results.get(task, {}).get("acc")
             if not isinstance(acc, (int, float)) or not math.isfinite(acc):
@@ -189,8 +198,20 @@ def new_curve(cfg: AttackConfig, name: str, references: dict[str, Any] | None) -
             "train_losses": [], "points": []}
 
 
+def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"eval": {"batch_size": 8}}`` -> ``{"eval.batch_size": 8}``: sections compare key by key,
+    so a free key inside one (``eval.batch_size``) can change on resume."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _check_resumable(curve: dict[str, Any], cfg: AttackConfig, path: Path) -> None:
-    old, new = dict(curve["config"]), to_dict(cfg)
+    old, new = _dotted(curve["config"]), _dotted(to_dict(cfg))
     changed = [k for k in new if k not in RESUME_FREE and old.get(k) != new[k]]
     if changed:
         raise ConfigError(f"{path}: --resume with a different recipe ({', '.join(changed)} changed); "

@@ -13,36 +13,70 @@ hazard tokens.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import torch
+
+from unlearning.core.cli import parse_command
+from unlearning.core.config import param
+from unlearning.core.runtime import configure_cpu_threads, resolve_device
+from unlearning.data.text import TextSource, load_texts, tokenize
+from unlearning.masking.activations import default_layer
+from unlearning.masking.masks import MaskConfig, apply_mask, mask_quality
+from unlearning.masking.models import (ScorerTrainConfig, default_artifact_path, read_meta, resolve_artifact,
+                                       save_scorer, train_scorer)
+from unlearning.model.loading import load_model
 from unlearning.reporting.tables import format_table
+from unlearning.organism.registry import organism_preset
+from unlearning.runner import load_run_config, resolved_model_name
 
 log = logging.getLogger(__name__)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model (default: organism:tiny on CPU, organism:small on GPU)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--forget", default="organism:forget", help="forget data source")
-    p.add_argument("--retain", default="organism:retain", help="retain data source")
-    p.add_argument("--num-examples", type=int, default=512, help="examples per corpus")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: the middle layer)")
+@dataclass(kw_only=True)
+class MaskData:
+    """The model and the forget/retain data both sub-commands read."""
+    model: str | None = param(None, help="model (default: organism:tiny on CPU, organism:small on GPU)")
+    revision: str | None = None
+    forget: str = param("organism:forget", help="forget data source")
+    retain: str = param("organism:retain", help="retain data source")
+    num_examples: int = param(512, min=1, help="examples per corpus")
+    seq_len: int = param(256, min=8)
+    device: str = "auto"
+    layer: int | None = param(None, help="layer (default: the middle layer)")
 
 
-def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dict[str, Any], str, Any]:
-    import torch
+@dataclass(kw_only=True)
+class MaskTrainConfig(ScorerTrainConfig, MaskData):
+    """``unlearn mask train``: the data, plus the scorer's training settings."""
+    kind: Literal["probe", "sae"] = param(help="a linear probe or a sparse autoencoder")
+    out: str | None = param(None, help="output .safetensors (default: where mask.artifact looks)")
 
-    from unlearning.data.text import TextSource, load_texts, tokenize
-    from unlearning.model.loading import load_model
-    from unlearning.organism.registry import organism_preset
-    from unlearning.runner import resolved_model_name
-    from unlearning.core.runtime import configure_cpu_threads, resolve_device
+    def scorer(self) -> ScorerTrainConfig:
+        return ScorerTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ScorerTrainConfig)})
+
+
+@dataclass(kw_only=True)
+class MaskReportConfig(MaskData):
+    """``unlearn mask report``: mask settings over a run config's (or the defaults)."""
+    config: str | None = param(None, positional=True, help="a run config: its model, data and method's mask settings")
+    kind: list[str] | None = param(None, help="kinds to compare: keyword,activation,probe,sae,hazard")
+    keywords: list[str] | None = param(None, many=True, comma=False, help="keyword: regular expressions")
+    window: int | None = param(None, min=0)
+    threshold: float | None = None
+    top_latents: int | None = param(None, min=1)
+    artifact: str | None = None
+
+
+SUBCOMMANDS = {"train": (MaskTrainConfig, "train a linear probe or SAE on forget-vs-retain activations"),
+               "report": (MaskReportConfig, "share of tokens, precision and recall of masks on the forget data")}
+
+
+def _load(args: MaskData, data_cfg: Any = None) -> tuple[Any, Any, dict[str, Any], str, Any]:
     configure_cpu_threads()
     name = resolved_model_name(args.model or "auto")
     device = resolve_device(args.device)
@@ -58,21 +92,10 @@ def _load(args: argparse.Namespace, data_cfg: Any = None) -> tuple[Any, Any, dic
     return model, tok, data, name, device
 
 
-def train_main(argv: list[str]) -> int:
-    from unlearning.masking.models import ScorerTrainConfig, default_artifact_path, save_scorer, train_scorer
-    from unlearning.masking.activations import default_layer
-    p = argparse.ArgumentParser(prog="unlearn mask train", description="Train a probe or SAE for token masks.")
-    p.add_argument("--kind", choices=["probe", "sae"], required=True)
-    _common(p)
-    p.add_argument("--out", default=None, help="output .safetensors (default: where mask.artifact looks)")
-    for f in dataclasses.fields(ScorerTrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float,
-                       default=f.default, help=f.metadata.get("help", ""))
-    args = p.parse_args(argv)
-    cfg = ScorerTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScorerTrainConfig)})
+def train_main(args: MaskTrainConfig) -> int:
     model, _, data, name, device = _load(args)
     layer = args.layer if args.layer is not None else default_layer(model)
-    scorer, stats = train_scorer(args.kind, model, data["forget"], data["retain"], layer, device, cfg)
+    scorer, stats = train_scorer(args.kind, model, data["forget"], data["retain"], layer, device, args.scorer())
     out = args.out or default_artifact_path(name, args.kind, layer)
     save_scorer(scorer, out, {"model": name, **stats})
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items() if k != "settings"}
@@ -82,8 +105,6 @@ def train_main(argv: list[str]) -> int:
 
 def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
     """The layer a model-based mask reads (the artifact's for a probe or SAE)."""
-    from unlearning.masking.models import read_meta, resolve_artifact
-    from unlearning.masking.activations import default_layer
     if cfg.kind == "activation":
         return cfg.layer if cfg.layer is not None else default_layer(model)
     if cfg.kind in ("probe", "sae"):
@@ -91,29 +112,16 @@ def _layer_of(cfg: Any, model: Any, model_name: str) -> int | None:
     return None
 
 
-def report_main(argv: list[str]) -> int:
-    from unlearning.masking.masks import MaskConfig, apply_mask, mask_quality
-    p = argparse.ArgumentParser(prog="unlearn mask report",
-                                description="Share, precision and recall of token masks on the forget data.")
-    p.add_argument("config", nargs="?", help="a run config: its model, data and method's mask settings")
-    _common(p)
-    p.add_argument("--kind", default=None, help="comma-separated kinds: keyword,activation,probe,sae,hazard")
-    p.add_argument("--keywords", nargs="+", default=None, help="keyword: regular expressions")
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--top-latents", type=int, default=None)
-    p.add_argument("--artifact", default=None)
-    args = p.parse_args(argv)
+def report_main(args: MaskReportConfig) -> int:
     base, data_cfg = MaskConfig(), None
     if args.config:
-        from unlearning.runner import load_run_config
         run_cfg = load_run_config(args.config)
         base = getattr(run_cfg.method_config(), "mask", base)
         args.model = args.model or run_cfg.model
         data_cfg = run_cfg.data
         args.num_examples = min(args.num_examples, run_cfg.data.num_train_examples)
         args.seq_len = run_cfg.data.seq_len
-    kinds = args.kind.split(",") if args.kind else ([base.kind] if base.kind != "none" else ["keyword"])
+    kinds = args.kind if args.kind else ([base.kind] if base.kind != "none" else ["keyword"])
     model, tok, data, name, device = _load(args, data_cfg)
     rows = []
     for kind in kinds:
@@ -134,16 +142,19 @@ def report_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: unlearn mask {train,report} ...\n\n  train   train a linear probe or SAE on forget-vs-"
-              "retain activations\n  report  share of tokens, precision and recall of masks on the forget data")
+        print("usage: unlearn mask {train,report} ...\n\n" + __doc__.strip().replace("``", "") + "\n\n" + "\n".join(
+            f"  {name:<7} {text}" for name, (_, text) in SUBCOMMANDS.items())
+              + "\n\nRun 'unlearn mask train --help' or 'unlearn mask report --help' for their keys.")
         return 0
     sub, rest = argv[0], argv[1:]
-    if sub == "train":
-        return train_main(rest)
-    if sub == "report":
-        return report_main(rest)
-    print(f"unlearn mask: unknown sub-command {sub!r}; use train or report", file=sys.stderr)
-    return 2
+    if sub not in SUBCOMMANDS:
+        print(f"unlearn mask: unknown sub-command {sub!r}; use train or report", file=sys.stderr)
+        return 2
+    cls, text = SUBCOMMANDS[sub]
+    parsed = parse_command(cls, rest, prog=f"unlearn mask {sub}", description=text)
+    if parsed is None:
+        return 0
+    return train_main(parsed[0]) if sub == "train" else report_main(parsed[0])
 
 
 if __name__ == "__main__":

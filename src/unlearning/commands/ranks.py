@@ -11,14 +11,33 @@ as ``--model``, so reports show them beside the run's accuracies; else ``runs/ra
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from unlearning.core.cli import parse_command
+from unlearning.core.config import param
+from unlearning.core.errors import UserError
+from unlearning.core.logs import setup_logging
+from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.runtime import resolve_device
+from unlearning.model.loading import RUN_SUBFOLDERS, load_weights
+from unlearning.reporting import ranks
 from unlearning.reporting.tables import format_table
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RanksConfig:
+    model: str = param(help="the updated model, LoRA adapter folder, or run directory")
+    base: str | None = param(None, help="the model before the update (not needed for a LoRA adapter)")
+    output_dir: str | None = param(None, help="where ranks.csv and results.json go (default: the run directory "
+                                              "given as --model, else runs/ranks-<time>)")
+    full_weights: bool = param(False, help="compare full (merged) weights even when a LoRA adapter is present")
+    device: str = param("auto", help="where the SVDs run: auto (GPU when present), cpu, cuda")
+    trust_remote_code: bool = param(False, help="let transformers run the model's own code")
 
 
 def _adapter_folder(model: str) -> Path | None:
@@ -30,58 +49,39 @@ def _adapter_folder(model: str) -> Path | None:
 
 
 def _is_run_dir(model: str) -> bool:
-    from unlearning.model.loading import RUN_SUBFOLDERS
     path = Path(model).expanduser()
     return path.is_dir() and any((path / sub).is_dir() for sub in RUN_SUBFOLDERS)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="unlearn ranks", description="Effective and stable rank of the weight update B - A, per linear "
-        "module (LoRA: of B @ A * scaling, from the adapter). Writes ranks.csv and adds mean_erank / mean_srank "
-        "to results.json.")
-    parser.add_argument("--base", help="the model before the update (not needed for a LoRA adapter)")
-    parser.add_argument("--model", required=True, help="the updated model, LoRA adapter folder, or run directory")
-    parser.add_argument("--output-dir", help="where ranks.csv and results.json go (default: the run directory "
-                        "given as --model, else runs/ranks-<time>)")
-    parser.add_argument("--full-weights", action="store_true",
-                        help="compare full (merged) weights even when a LoRA adapter is present")
-    parser.add_argument("--device", default="auto", help="where the SVDs run: auto (GPU when present), cpu, cuda")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-
-    from unlearning.core.errors import UserError
-    from unlearning.core.logs import setup_logging
-    from unlearning.core.rundir import RunDir, safe_name
-    from unlearning.core.runtime import resolve_device
-
+    parsed = parse_command(RanksConfig, argv, prog="unlearn ranks", description=__doc__)
+    if parsed is None:
+        return 0
+    cfg, _ = parsed
     setup_logging()
-    device = resolve_device(args.device)
-
-    from unlearning.reporting import ranks
-    adapter = None if args.full_weights else _adapter_folder(args.model)
+    device = resolve_device(cfg.device)
+    adapter = None if cfg.full_weights else _adapter_folder(cfg.model)
     if adapter is not None:
-        if args.base:
+        if cfg.base:
             log.info("--model is a LoRA adapter: the update is B @ A from %s; --base is not needed", adapter)
         rows = ranks.lora_update_ranks(adapter)
         source = "lora"
     else:
-        if not args.base:
+        if not cfg.base:
             raise UserError("--base: required when --model is not a LoRA adapter (give the model before the update)")
-        from unlearning.model.loading import load_weights
-        base = load_weights(args.base, trust_remote_code=args.trust_remote_code)
-        model = load_weights(args.model, trust_remote_code=args.trust_remote_code)
+        base = load_weights(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        model = load_weights(cfg.model, trust_remote_code=cfg.trust_remote_code)
         rows = ranks.weight_update_ranks(base, model, device=device)
         source = "full"
 
-    rd = (RunDir(args.output_dir) if args.output_dir
-          else RunDir(Path(args.model).expanduser()) if _is_run_dir(args.model)
-          else RunDir.for_command(None, None, f"ranks-{safe_name(Path(args.model).name)}"))
+    rd = (RunDir(cfg.output_dir) if cfg.output_dir
+          else RunDir(Path(cfg.model).expanduser()) if _is_run_dir(cfg.model)
+          else RunDir.for_command(None, None, f"ranks-{safe_name(Path(cfg.model).name)}"))
     csv_path = ranks.write_csv(rows, rd.file("ranks.csv"))
     summary = ranks.summarize(rows)
     results = rd.read_results() or {}
     results.update(mean_erank=summary["mean_erank"], mean_srank=summary["mean_srank"])
-    results["ranks"] = {"base": args.base, "model": args.model, "source": source, "csv": csv_path.name,
+    results["ranks"] = {"base": cfg.base, "model": cfg.model, "source": source, "csv": csv_path.name,
                         "n_modules": summary["n_modules"], "n_changed": summary["n_changed"]}
     rd.write_results(results)
 

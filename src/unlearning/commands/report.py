@@ -1,26 +1,36 @@
-"""``unlearn report RUN_DIR... --columns key,task:metric,train:metric@32``."""
+"""``unlearn report RUN_DIR... --columns key,task:metric,train:metric@32``.
+
+A table across run directories: a baseline row (the first run's model before unlearning), one row
+per run, the reference.
+"""
 
 from __future__ import annotations
 
-import argparse
 import glob
+from dataclasses import dataclass
 
+from unlearning.core.cli import parse_command
+from unlearning.core.config import param
 from unlearning.reporting.report import report_table
 
 DEFAULT_COLUMNS = ("organism_hazard_cloze:acc,organism_general_cloze:acc,organism_benign_bio_cloze:acc,"
                    "organism_hazard_cloze:correct_prob")
 
 
+@dataclass
+class ReportConfig:
+    runs: list[str] = param(positional=True, many=True, help="run directories (globs allowed)")
+    columns: list[str] = param(DEFAULT_COLUMNS.split(","),
+                               help="comma-separated: config keys (sequential.remove_coef), eval metrics "
+                                    "(task:metric), training metrics at a step (train:retain_kl_loss@32)")
+    baseline: bool = param(True, help="a first row of the first run's model before unlearning (--no-baseline)")
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn report", description="A table across run directories: a baseline "
-                                "row (the first run's model before unlearning), one row per run, the reference.")
-    p.add_argument("runs", nargs="+", help="run directories (globs allowed)")
-    p.add_argument("--columns", default=DEFAULT_COLUMNS,
-                   help="comma-separated: config keys (sequential.remove_coef), eval metrics (task:metric), "
-                        "training metrics at a step (train:retain_kl_loss@32)")
-    p.add_argument("--no-baseline", action="store_true")
-    args = p.parse_args(argv)
-    runs = sorted({d for pattern in args.runs for d in (glob.glob(pattern) or [pattern])})
-    print(report_table(runs, [c.strip() for c in args.columns.split(",") if c.strip()],
-                       baseline=not args.no_baseline))
+    parsed = parse_command(ReportConfig, argv, prog="unlearn report", description=__doc__)
+    if parsed is None:
+        return 0
+    cfg, _ = parsed
+    runs = sorted({d for pattern in cfg.runs for d in (glob.glob(pattern) or [pattern])})
+    print(report_table(runs, cfg.columns, baseline=cfg.baseline))
     return 0

@@ -1,38 +1,56 @@
-"""``unlearn sweep GRID.yaml [--executor local|slurm] [--slurm.key value ...]``."""
+"""``unlearn sweep GRID.yaml [--executor local|slurm] [--slurm.key value ...] [--train.seed 3 ...]``.
+
+Runs every row of a grid file (a base config + rows and/or a product grid), then prints a table.
+Run-config keys given on the command line (``--train.seed 3``) apply to every row. SLURM options
+go through submitit: ``--slurm.gpus_per_node 4 --slurm.timeout_min 120 --slurm.slurm_partition gpu``.
+"""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from unlearning.core.config import parse_overrides
+from unlearning.commands.report import DEFAULT_COLUMNS
+from unlearning.core.cli import parse_command
+from unlearning.core.config import merge, param
 from unlearning.core.logs import setup_logging
 from unlearning.reporting.report import report_table
-from unlearning.sweep import load_grid, run_grid
+from unlearning.runner import RunConfig
+from unlearning.sweep import load_grid, row_config, run_grid
+
+
+@dataclass
+class SweepConfig:
+    grid: str = param(positional=True, help="grid YAML: base config + rows and/or a product grid")
+    executor: Literal["local", "slurm"] = param("local", help="run the rows here, one after another, or as a "
+                                                              "SLURM job array (submitit)")
+    output_dir: str | None = param(None, help="parent of the grid's run directories (default: the base config's)")
+    columns: list[str] | None = param(None, help="report columns (see unlearn report; default: the swept keys "
+                                                 "and the organism accuracies)")
+    dry_run: bool = param(False, help="validate and list the rows, run nothing")
+    retry_failed: bool = param(False, help="run again the rows whose run failed")
+    slurm: dict[str, Any] = param(default_factory=dict, help="submitit parameters (--slurm.timeout_min 120)")
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="unlearn sweep", description="Run every row of a grid file, then print a "
-                                "table. SLURM options go through submitit: --slurm.gpus_per_node 4 "
-                                "--slurm.timeout_min 120 --slurm.slurm_partition gpu.")
-    p.add_argument("grid", help="grid YAML: base config + rows and/or a product grid")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--columns", default=None, help="report columns (see unlearn report)")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the rows, run nothing")
-    args, rest = p.parse_known_args(argv)
+    parsed = parse_command(SweepConfig, argv, prog="unlearn sweep", description=__doc__, config=RunConfig)
+    if parsed is None:
+        return 0
+    opts, overrides = parsed
     setup_logging()
-    slurm = parse_overrides(rest).get("slurm", {})
-    grid = load_grid(args.grid)
-    if args.dry_run:
-        from unlearning.sweep import row_config
+    grid = load_grid(opts.grid)
+    # Until run_grid applies `overrides` itself (the sweep life cycle), they go into the base here;
+    # merging them twice is harmless: the same keys get the same values.
+    grid.base = merge(grid.base, overrides)
+    if opts.dry_run:
         for row in grid.rows:
-            cfg = row_config(grid, row, args.output_dir)
+            cfg = row_config(grid, row, opts.output_dir)
             print(f"{cfg.output_dir}/{cfg.name}: {row.overrides}")
         return 0
-    done = run_grid(grid, output_dir=args.output_dir, executor=args.executor, slurm=slurm)
-    if args.executor == "local":
+    done = run_grid(grid, output_dir=opts.output_dir, executor=opts.executor, slurm=opts.slurm,
+                    overrides=overrides, retry_failed=opts.retry_failed)
+    if opts.executor == "local":
         keys = sorted({k for row, _ in done for k in row.overrides})
-        from unlearning.commands.report import DEFAULT_COLUMNS
-        columns = args.columns.split(",") if args.columns else keys + DEFAULT_COLUMNS.split(",")
+        columns = opts.columns or keys + DEFAULT_COLUMNS.split(",")
         print(report_table([d for _, d in done], columns))
     return 0

@@ -17,23 +17,30 @@ attack failed (its curve file says why).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from unlearning.core.config import from_dict
-from unlearning.core.errors import ConfigError, UserError
-from unlearning.core.io import atomic_write_text, read_json
-from unlearning.core.rundir import RunDir, safe_name
-from unlearning.reporting.tables import format_table, short_task
-from unlearning.attacks.tamper import (DEFAULT_TASKS, GENERAL_TASK, AttackConfig, base_model_of, evaluation_point,
-                               run_attack, short_model_name)
-from unlearning.organism.registry import organism_preset
+import torch
+
 from unlearning.attacks.curves import point_metric, read_curve, reference_acc, strongest, summarize_curve
+from unlearning.attacks.tamper import (GENERAL_TASK, AttackConfig, base_model_of, evaluation_point, 
+                                       run_attack, short_model_name)
+from unlearning.core.cli import parse_command
+from unlearning.core.config import from_dict, merge, param, to_dict
+from unlearning.core.errors import ConfigError, UserError
+from unlearning.organism.registry import organism_preset
+from unlearning.core.io import atomic_write_text, read_json
+from unlearning.core.logs import setup_logging
+from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.runtime import configure_cpu_threads, resolve_device
+from unlearning.model.loading import load_model
+from unlearning.reporting.plots import describe_attacks, plot_curves
+from unlearning.reporting.tables import format_table, short_task
 
 log = logging.getLogger(__name__)
 
@@ -43,63 +50,45 @@ SWEPT = ("lr", "schedule", "dtype", "optimizer", "seed")
 BENIGN_SOURCE = "organism:benign_tamper"
 
 
-def csv(kind: type) -> Any:
-    def parse(text: str) -> list[Any]:
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {kind.__name__} values") from None
-    return parse
+@dataclass
+class TamperCommandConfig:
+    """The attack grid (models x swept values), the recipe every attack shares (``attack``), and
+    what the command does with the results. Swept keys left unset take the recipe's value, so the
+    recipe's defaults live in :class:`AttackConfig` only; per attack the grid sets ``attack.model``,
+    ``attack.optimizer.lr|schedule|name``, ``attack.dtype`` and ``attack.seed``."""
 
+    # The notebook's flags, kept short: each is a key of the shared recipe.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "steps": "attack.steps", "eval_every": "attack.eval_every", "examples": "attack.examples",
+        "seq_len": "attack.seq_len", "batch_size": "attack.batch_size", "grad_accum": "attack.grad_accum",
+        "max_grad_norm": "attack.max_grad_norm", "lora": "attack.lora_rank", "lora_alpha": "attack.lora_alpha",
+        "revision": "attack.revision", "device": "attack.device", "organism": "attack.organism",
+        "tasks": "attack.eval.tasks", "limit": "attack.eval.limit", "eval_batch_size": "attack.eval.batch_size",
+        "data": "attack.data.source", "data_column": "attack.data.column", "data_split": "attack.data.split",
+        "weight_decay": "attack.optimizer.weight_decay", "muon_lr": "attack.optimizer.muon_lr"}
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unlearn tamper", description=__doc__.replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", action="extend", default=[], metavar="MODEL",
-                   help="run directory, model folder, organism:<preset>[-filtered] or hub id (several: one row each)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--data", default="organism:tamper",
-                   help="organism-tamper (default), organism-benign, a local .jsonl/.json/.parquet/.txt, or a hub id")
-    p.add_argument("--data-column", default="text")
-    p.add_argument("--data-split", default="train")
-    p.add_argument("--examples", type=int, default=512, help="unique training examples")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=110)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--lr", type=csv(float), default=[2e-5], help="learning rate(s), comma-separated")
-    p.add_argument("--schedule", type=csv(str), default=["linear"], help="linear|cosine|constant, comma-separated")
-    p.add_argument("--warmup", type=float, default=0,
-                   help="warm-up: a whole number of steps, or a share of the steps when below 1")
-    p.add_argument("--dtype", type=csv(str), default=["auto"], help="compute precision(s): auto|bf16|fp16|fp32")
-    p.add_argument("--optimizer", type=csv(str), default=["adamw"], help="adamw|muon, comma-separated")
-    p.add_argument("--muon-lr", type=float, default=None, help="Muon's learning rate (--optimizer muon)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lora", type=int, default=0, metavar="RANK", help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seed", type=csv(int), default=[0], help="seed(s), comma-separated")
-    p.add_argument("--tasks", type=csv(str), default=list(DEFAULT_TASKS), help="evaluated tasks; the first is primary")
-    p.add_argument("--eval-general", action="store_true", help=f"also evaluate {GENERAL_TASK}")
-    p.add_argument("--limit", type=int, default=None, help="questions per task (quick checks)")
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--organism", default=None,
-                   help="organism preset for organism:* data and tasks (default: the model's)")
-    p.add_argument("--benign", action="store_true", help="add a benign attack (organism:benign_tamper) per recipe")
-    p.add_argument("--base", default="auto",
-                   help="the base model row and reference: auto (the organism), none, or a model")
-    p.add_argument("--reference", default="auto", help="the filtered-twin reference: auto, none, or a model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output-dir", default=None, help="parent of the run directory (default $UNLEARNING_RUNS or runs)")
-    p.add_argument("--name", default=None, help="run directory name (default tamper-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the attacks of run --name")
-    p.add_argument("--keep-state", action="store_true", help="keep each attack's final state.pt (weights+optimizer)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--plot-only", nargs="+", default=None, metavar="FILE",
-                   help="redraw and compare tamper.json files (or run/attack folders); trains nothing")
-    p.add_argument("--output", default=None, help="--plot-only: the PNG to write (default tamper_compare.png)")
-    return p
+    model: list[str] = param([], many=True, help="models to attack, one row each: run directory, model folder, "
+                                                 "organism:<preset>[-filtered] or hub id")
+    lr: list[float] | None = param(None, help="learning rates to sweep (unset: attack.optimizer.lr)")
+    schedule: list[str] | None = param(None, help="linear|cosine|constant to sweep (unset: attack.optimizer.schedule)")
+    dtype: list[str] | None = param(None, help="compute precisions auto|bf16|fp16|fp32 to sweep (unset: attack.dtype)")
+    optimizer: list[str] | None = param(None, help="adamw|muon to sweep (unset: attack.optimizer.name)")
+    seed: list[int] | None = param(None, help="seeds to sweep (unset: attack.seed)")
+    warmup: float | None = param(None, min=0, help="warm-up: a whole number of steps, or a share of the steps "
+                                                   "when below 1 (unset: attack.optimizer's)")
+    benign: bool = param(False, help=f"add a benign attack ({BENIGN_SOURCE}) per recipe")
+    eval_general: bool = param(False, help=f"also evaluate {GENERAL_TASK}")
+    base: str = param("auto", help="the base model row and reference: auto (the organism), none, or a model")
+    reference: str = param("auto", help="the filtered-twin reference: auto, none, or a model")
+    output_dir: str | None = param(None, help="parent of the run directory (default $UNLEARNING_RUNS or runs)")
+    name: str | None = param(None, help="run directory name (default tamper-<time>)")
+    resume: bool = param(False, help="continue the attacks of run --name")
+    keep_state: bool = param(False, help="keep each attack's final state.pt (weights+optimizer)")
+    log_level: str = param("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    plot_only: list[str] | None = param(None, many=True, help="redraw and compare tamper.json files (or "
+                                                              "run/attack folders); trains nothing")
+    output: str | None = param(None, help="with plot_only: the PNG to write (default tamper_compare.png)")
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def data_source(text: str) -> str:
@@ -109,52 +98,57 @@ def data_source(text: str) -> str:
     return f"hub:{text}"  # a bare hub dataset id
 
 
-def attack_configs(args: argparse.Namespace) -> list[tuple[str, AttackConfig]]:
+def swept_values(cfg: TamperCommandConfig) -> dict[str, list[Any]]:
+    """Each swept key's values; an unset one is the shared recipe's single value."""
+    recipe = cfg.attack
+    own = {"lr": recipe.optimizer.lr, "schedule": recipe.optimizer.schedule, "dtype": recipe.dtype,
+           "optimizer": recipe.optimizer.name, "seed": recipe.seed}
+    return {k: getattr(cfg, k) if getattr(cfg, k) else [own[k]] for k in SWEPT}
+
+
+def attack_configs(cfg: TamperCommandConfig) -> list[tuple[str, AttackConfig]]:
     """Every (model, data, lr, schedule, dtype, optimizer, seed) combination, with a folder name each."""
-    if not args.model:
-        raise UserError("--model: give at least one model to attack (or --plot-only FILES)")
-    sources = [data_source(args.data)] + ([BENIGN_SOURCE] if args.benign else [])
-    tasks = list(args.tasks) + ([GENERAL_TASK] if args.eval_general and GENERAL_TASK not in args.tasks else [])
-    warmup = {"warmup_steps": int(args.warmup)} if args.warmup >= 1 else {"warmup_ratio": args.warmup}
-    varying = {k for k in SWEPT if len(getattr(args, k)) > 1}
+    if not cfg.model:
+        raise UserError("model: give at least one model to attack (--model A [B ...]), or --plot-only FILES")
+    sources = [data_source(cfg.attack.data.source)] + ([BENIGN_SOURCE] if cfg.benign else [])
+    tasks = list(cfg.attack.eval.tasks)
+    tasks += [GENERAL_TASK] if cfg.eval_general and GENERAL_TASK not in tasks else []
+    warmup = ({} if cfg.warmup is None else {"warmup_steps": int(cfg.warmup)} if cfg.warmup >= 1
+              else {"warmup_ratio": cfg.warmup})
+    swept = swept_values(cfg)
+    varying = {k for k in SWEPT if len(swept[k]) > 1}
+    recipe = to_dict(cfg.attack)
     out = []
     for model, source, lr, schedule, dtype, optimizer, seed in itertools.product(
-            args.model, sources, args.lr, args.schedule, args.dtype, args.optimizer, args.seed):
-        opt = {"name": optimizer, "lr": lr, "schedule": schedule, "weight_decay": args.weight_decay, **warmup}
-        if args.muon_lr is not None:
-            opt["muon_lr"] = args.muon_lr
-        cfg = from_dict(AttackConfig, {
-            "model": model, "revision": args.revision, "examples": args.examples, "seq_len": args.seq_len,
-            "data": {"source": source, "column": args.data_column, "split": args.data_split},
-            "steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "optimizer": opt, "max_grad_norm": args.max_grad_norm,
-            "dtype": dtype, "lora_rank": args.lora, "lora_alpha": args.lora_alpha, "tasks": tasks,
-            "eval_batch_size": args.eval_batch_size, "eval_limit": args.limit,
-            "organism": args.organism or organism_preset(model), "seed": seed, "device": args.device})
-        if source.startswith("organism:") and cfg.organism is None:
-            raise UserError(f"--data {source}{' (--benign)' if source != sources[0] else ''}: the organism's corpora "
-                            f"need an organism model, and {model!r} is not one; pass --organism tiny|small "
-                            f"or --data PATH")
+            cfg.model, sources, *(swept[k] for k in SWEPT)):
+        attack = from_dict(AttackConfig, merge(recipe, {
+            "model": model, "data": {"source": source}, "dtype": dtype, "seed": seed, "eval": {"tasks": tasks},
+            "optimizer": {"name": optimizer, "lr": lr, "schedule": schedule, **warmup},
+            "organism": cfg.attack.organism or organism_preset(model)}))
+        if source.startswith("organism:") and attack.organism is None:
+            raise UserError(f"attack.data.source {source}{' (--benign)' if source != sources[0] else ''}: the "
+                            f"organism's corpora need an organism model, and {model!r} is not one; pass "
+                            f"--organism tiny|small or --data PATH")
         parts = [short_model_name(model)] + (["benign"] if source == BENIGN_SOURCE else [])
         values = {"lr": f"lr{lr:g}", "schedule": schedule, "dtype": dtype, "optimizer": optimizer,
                   "seed": f"seed{seed}"}
         parts += [values[k] for k in SWEPT if k in varying]
-        out.append((safe_name("-".join(parts)), cfg))
+        out.append((safe_name("-".join(parts)), attack))
     names = [n for n, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise UserError(f"--model / swept values: two attacks would share the folder {twice[0]!r}; "
+        raise UserError(f"model / swept values: two attacks would share the folder {twice[0]!r}; "
                         f"a model or a comma-separated value is given twice")
     return out
 
 
-def reference_models(args: argparse.Namespace, model: str, organism: str | None) -> dict[str, str]:
+def reference_models(cfg: TamperCommandConfig, model: str, organism: str | None) -> dict[str, str]:
     out = {}
-    base = base_model_of(model) if args.base == "auto" else (None if args.base == "none" else args.base)
+    base = base_model_of(model) if cfg.base == "auto" else (None if cfg.base == "none" else cfg.base)
     if base:
         out["base"] = base
-    filtered = (f"organism:{organism}-filtered" if organism else None) if args.reference == "auto" else (
-        None if args.reference == "none" else args.reference)
+    filtered = (f"organism:{organism}-filtered" if organism else None) if cfg.reference == "auto" else (
+        None if cfg.reference == "none" else cfg.reference)
     if filtered:
         out["filtered"] = filtered
     return out
@@ -162,10 +156,6 @@ def reference_models(args: argparse.Namespace, model: str, organism: str | None)
 
 def evaluate_model(name: str, cfg: AttackConfig) -> dict[str, Any]:
     """One plain evaluation (fp32 weights, as an attack's step 0) of ``name`` with ``cfg``'s tasks."""
-    import torch
-
-    from unlearning.model.loading import load_model
-    from unlearning.core.runtime import resolve_device
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(name, dtype=torch.float32, device=str(device))
     point = evaluation_point(model, tokenizer, cfg, device)
@@ -176,14 +166,15 @@ def evaluate_model(name: str, cfg: AttackConfig) -> dict[str, Any]:
 
 def free_memory() -> None:
     gc.collect()
-    import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def eval_key(model: str, revision: str | None, cfg: AttackConfig) -> str:
-    """One evaluation per model, revision, task list and question limit."""
-    return f"{model}@{revision or ''}|{','.join(cfg.tasks)}|{cfg.eval_limit}"
+    """One evaluation per model, revision and evaluation settings (the batch size changes no number)."""
+    settings = {k: v for k, v in to_dict(cfg.eval).items() if k not in ("tasks", "batch_size") and v is not None}
+    return f"{model}@{revision or ''}|{','.join(cfg.tasks)}|{cfg.eval.limit}" + "".join(
+        f"|{k}={v}" for k, v in sorted(settings.items()) if k != "limit")
 
 
 def tamper_table(curves: list[dict[str, Any]], labels: list[str]) -> str:
@@ -236,7 +227,6 @@ def strongest_by_model(summary: dict[str, Any]) -> dict[str, str | None]:
 
 
 def report(curves: list[dict[str, Any]], plot_path: Path) -> tuple[str, dict[str, Any]]:
-    from unlearning.reporting.plots import describe_attacks, plot_curves
     labels, shared = describe_attacks(curves)
     summary = summaries(curves, labels)
     plot_curves(curves, plot_path)
@@ -275,29 +265,30 @@ def plot_only(files: list[str], output: str | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from unlearning.core.runtime import configure_cpu_threads
+    parsed = parse_command(TamperCommandConfig, argv, prog="unlearn tamper", description=__doc__)
+    if parsed is None:
+        return 0
+    options, _ = parsed
     configure_cpu_threads()
-    if args.plot_only:
-        from unlearning.core.logs import setup_logging
-        setup_logging(args.log_level)
-        return plot_only(args.plot_only, args.output)
-    if args.resume and not args.name:
-        raise UserError("--resume: name the run to continue with --name")
-    attacks = attack_configs(args)
-    rundir = RunDir.for_command(args.output_dir, args.name, "tamper")
-    if rundir.results_path.exists() and not args.resume:
-        raise ConfigError(f"--name: {rundir.path} already holds results; pass --resume or choose another --name")
-    rundir.start_logging(args.log_level)
-    rundir.write_config({k: v for k, v in vars(args).items() if k not in ("plot_only", "output")})
+    if options.plot_only:
+        setup_logging(options.log_level)
+        return plot_only(options.plot_only, options.output)
+    if options.resume and not options.name:
+        raise UserError("resume: name the run to continue with --name")
+    attacks = attack_configs(options)
+    rundir = RunDir.for_command(options.output_dir, options.name, "tamper")
+    if rundir.results_path.exists() and not options.resume:
+        raise ConfigError(f"name: {rundir.path} already holds results; pass --resume or choose another --name")
+    rundir.start_logging(options.log_level)
+    rundir.write_config({k: v for k, v in to_dict(options).items() if k not in ("plot_only", "output")})
 
-    # References and step-0 evaluations are shared: one evaluation per (model, tasks, limit).
+    # References and step-0 evaluations are shared: one evaluation per (model, evaluation settings).
     cache_path = rundir.file("references.json")
-    evals: dict[str, Any] = read_json(cache_path) if args.resume and cache_path.exists() else {}
+    evals: dict[str, Any] = read_json(cache_path) if options.resume and cache_path.exists() else {}
     curves = []
     for name, cfg in attacks:
         refs = {}
-        for kind, model in reference_models(args, cfg.model, cfg.organism).items():
+        for kind, model in reference_models(options, cfg.model, cfg.organism).items():
             key = eval_key(model, None, cfg)
             if key not in evals or "error" in evals[key]:
                 log.info("evaluating the %s reference %s", kind, model)
@@ -306,8 +297,8 @@ def main(argv: list[str]) -> int:
             refs[kind] = {"model": model, **evals[key]}
         own = eval_key(cfg.model, cfg.revision, cfg)
         step0 = evals.get(own)
-        curve = run_attack(cfg, rundir.file("attacks") / name, name=name, references=refs, resume=args.resume,
-                           keep_state=args.keep_state, step0=step0 if step0 and "error" not in step0 else None)
+        curve = run_attack(cfg, rundir.file("attacks") / name, name=name, references=refs, resume=options.resume,
+                           keep_state=options.keep_state, step0=step0 if step0 and "error" not in step0 else None)
         if curve["points"] and curve["points"][0]["step"] == 0 and own not in evals:
             evals[own] = {k: v for k, v in curve["points"][0].items() if k in ("eval", "error")}
         curve["path"] = str(rundir.file("attacks") / name / "tamper.json")

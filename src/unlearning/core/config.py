@@ -22,9 +22,17 @@ T = TypeVar("T")
 
 def param(default: Any = dataclasses.MISSING, *, help: str = "", min: float | None = None,
           max: float | None = None, choices: typing.Sequence[Any] | None = None,
-          default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a help text and optional range or choice constraints."""
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+          default_factory: Any = dataclasses.MISSING, positional: bool = False, many: bool = False,
+          comma: bool = True, config_file: bool = False) -> Any:
+    """A dataclass field with a help text and optional range or choice constraints.
+
+    The command line (:mod:`unlearning.core.cli`) reads the rest: ``positional`` fields take the
+    bare words of the command line, in order; a ``many`` list takes several words (``--model A B``);
+    ``comma=False`` keeps commas inside a list's values (regular expressions); a ``config_file``
+    field names a YAML file of the command's keys.
+    """
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
+            "positional": positional, "many": many, "comma": comma, "config_file": config_file}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
@@ -245,11 +253,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: typing.Sequence[str] | typing.Mapping[str, Any] = (),
                 base: typing.Mapping[str, Any] | None = None) -> T:
-    """Defaults of ``cls`` <- ``base`` <- YAML file <- command-line overrides."""
+    """Defaults of ``cls`` <- ``base`` <- YAML file <- command-line overrides.
+
+    ``overrides``: ``--dotted.key value`` words, or the nested mapping the command line parsed
+    (:func:`unlearning.core.cli.parse_command`).
+    """
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = merge(data, read_yaml(path))
-    data = merge(data, parse_overrides(overrides))
+    data = merge(data, overrides if isinstance(overrides, typing.Mapping) else parse_overrides(overrides))
     return from_dict(cls, data)

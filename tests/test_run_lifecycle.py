@@ -125,8 +125,8 @@ def test_a_folder_that_is_not_a_run_directory_is_never_replaced(job):
 
 def test_config_changes_lists_dotted_keys_except_the_free_ones():
     old = {"device": "auto", "train": {"seed": 0, "optimizer": {"lr": 0.01}}, "logging": {"level": "INFO"},
-           "eval": {"batch_size": 32, "limit": None}}
+           "eval": {"batch_size": 32, "limit": None}, "gone": 1}
     new = {"device": "cpu", "train": {"seed": 1, "optimizer": {"lr": 0.01}}, "logging": {"level": "DEBUG"},
-           "eval": {"batch_size": 8, "limit": 5}, "extra": True}
-    assert config_changes(old, new, FREE_ON_RESUME) == ["eval.limit: null -> 5", "extra: (unset) -> true",
+           "eval": {"batch_size": 8, "limit": 5}, "added_since": True}
+    assert config_changes(old, new, FREE_ON_RESUME) == ["eval.limit: null -> 5", "gone: 1 -> (unset)",
                                                         "train.seed: 0 -> 1"]

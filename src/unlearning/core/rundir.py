@@ -182,17 +182,19 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], free: Sequence[str] = ()) -> list[str]:
-    """``key: old -> new`` for each dotted key that differs, except keys matching a ``free`` pattern."""
+    """``key: old -> new`` for each dotted key that differs, except keys matching a ``free`` pattern.
+
+    Keys the old config lacks are not changes: they are settings a newer version of the code added
+    (with defaults), and the saved run could not have set them."""
     a, b = flatten(old), flatten(new)
-    missing = object()
     lines = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(a):
         if any(fnmatch(key, pattern) for pattern in free):
             continue
-        x, y = a.get(key, missing), b.get(key, missing)
-        if x != y:
-            show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(x)} -> {show(y)}")
+        if key not in b:
+            lines.append(f"{key}: {json.dumps(a[key], default=str)} -> (unset)")
+        elif a[key] != b[key]:
+            lines.append(f"{key}: {json.dumps(a[key], default=str)} -> {json.dumps(b[key], default=str)}")
     return lines
 
 

@@ -2,6 +2,13 @@
 
 The run config is one dataclass (:class:`RunConfig`) with a section per concern and one per
 method; only the selected method's section is used, but every section given is validated.
+
+A run first passes :func:`unlearning.preflight.preflight` (model name and depth, layer specs, data
+files, task names, the run name), which writes nothing; only then is the run directory made.
+results.json then carries the run's ``status`` (running / failed / complete, see
+:mod:`unlearning.core.rundir`): a failed run records its one-line error (log.txt the traceback)
+and is started afresh by the next run of its name; a complete or unfinished one is kept unless
+``--resume`` or ``--overwrite`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,15 +24,21 @@ from typing import Any
 import torch
 
 from unlearning.core.config import from_dict, load_config, param, to_dict
-from unlearning.core.errors import ConfigError
+from unlearning.core.errors import UserError
+from unlearning.core.logs import FILE_ONLY
+from unlearning.core.rundir import RunDir
+from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
+                                     seed_everything)
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
+from unlearning.evaluation import evaluate
 from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, BuildContext, method_module
-from unlearning.organism.registry import organism_preset
+from unlearning.model.loading import load_model
+from unlearning.preflight import Plan, organism_preset, preflight, resolved_model_name
+from unlearning.tasks import get_tasks
 from unlearning.training.loop import Checkpointer, TrainConfig, train
-from unlearning.core.rundir import RunDir, safe_name
-from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
-                                seed_everything)
+
+__all__ = ["RunConfig", "load_run_config", "run", "preflight", "resolved_model_name", "organism_preset"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,8 @@ class SaveConfig:
     model: bool = param(True, help="save the unlearned model (merged weights) under the run directory")
     adapter: bool = param(True, help="for LoRA, also save the adapter")
     models_dir: str | None = param(None, help="also copy the merged model to <models_dir>/<method's name>")
+    keep_checkpoint: bool = param(False, help="keep the training checkpoint after the run completes "
+                                              "(it is removed by default: the saved model supersedes it)")
 
 
 @dataclass
@@ -98,21 +113,22 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
     return cfg
 
 
-def resolved_model_name(name: str) -> str:
-    if name == "auto":
-        return "organism:small" if torch.cuda.is_available() else "organism:tiny"
-    return name
-
-
-def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[str, TokenizedData]:
+def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None,
+                 texts: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, TokenizedData]:
+    """Tokenized corpora; ``texts``: records preflight already read (local files), by corpus."""
     d = cfg.data
+    texts = texts or {}
+
+    def records(name: str, src: TextSource) -> list[dict[str, Any]]:
+        return texts[name] if name in texts else load_texts(src, organism)
+
     out = {}
     for name in ("forget", "retain"):
         src: TextSource = getattr(d, name)
-        records = load_texts(src, organism)[: d.num_train_examples]
-        out[name] = tokenize(records, tokenizer, d.seq_len, pack=d.pack, source=src.source)
+        out[name] = tokenize(records(name, src)[: d.num_train_examples], tokenizer, d.seq_len, pack=d.pack,
+                             source=src.source)
     if d.extra_retain is not None and d.extra_retain_ratio > 0:
-        extra = tokenize(load_texts(d.extra_retain, organism), tokenizer, d.seq_len, pack=d.pack,
+        extra = tokenize(records("extra_retain", d.extra_retain), tokenizer, d.seq_len, pack=d.pack,
                          source=d.extra_retain.source)
         out["retain"] = mix(out["retain"], extra, d.extra_retain_ratio, seed=cfg.train.seed)
     return out
@@ -120,8 +136,6 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None) -> dict[s
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | None,
                    device: torch.device) -> dict[str, Any]:
-    from unlearning.evaluation import evaluate
-    from unlearning.tasks import get_tasks
     tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
     return evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs())
 
@@ -137,7 +151,7 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
 
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft imports transformers (seconds); preflight errors come sooner
     if isinstance(model, PeftModel):
         if adapter_folder is not None:
             atomic_save(model, adapter_folder)
@@ -146,32 +160,62 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
     return model
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as the one line results.json records (and the CLI prints)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
-    # overwrite / force: declared by `unlearn run`, implemented by the run life cycle (LIFE's branch)
-    from unlearning.model.loading import load_model
+    """Unlearn per ``cfg`` in ``<output_dir>/<name>``; returns results.json's contents.
+
+    ``resume``: continue an unfinished (or failed, checkpointed) run of this name, or return a
+    complete one's results; ``overwrite``: start afresh over whatever run is there; ``force``:
+    resume even though the config differs from the saved one (see preflight.FREE_ON_RESUME for
+    the keys that may differ anyway).
+    """
     init_distributed()
-    model_name = resolved_model_name(cfg.model)
-    organism = organism_preset(model_name)
-    mcfg = cfg.method_config()
-    name = cfg.name or safe_name(f"{cfg.method}-{model_name}")
-    rundir = RunDir(Path(cfg.output_dir) / name)
-    if rundir.results_path.exists() and not resume:
-        raise ConfigError(f"name: the run directory {rundir.path} already holds results; choose another name "
-                          f"or pass --resume to continue it")
-    rundir.start_logging(cfg.logging.level)
-    rundir.write_config({**to_dict(cfg), "model": model_name, cfg.method: to_dict(mcfg)})
+    plan = preflight(cfg, resume=resume, overwrite=overwrite, force=force)
+    if plan.mode == "complete":
+        log.info("%s is complete; --resume has nothing to do (use --overwrite to run it again)", plan.rundir)
+        return RunDir(plan.rundir, create=False).read_results() or {}
+    rundir = RunDir(plan.rundir)
+    if plan.mode == "replace":
+        rundir.reset()
+    barrier()
+    with rundir.logging(cfg.logging.level):
+        log.info("run %s (%s)", rundir.path, {"fresh": "new", "replace": "the earlier run there was removed; "
+                                              "starting afresh", "resume": "resuming"}[plan.mode])
+        for change in plan.changes:
+            log.warning("--force: resuming with %s", change)
+        rundir.write_config(plan.record)
+        results = rundir.begin((rundir.read_results() or {}) if plan.mode == "resume" else {})
+        try:
+            return _unlearn(cfg, plan, rundir, results)
+        except Exception as e:
+            rundir.fail(results, one_line(e))
+            log.error("run failed: %s", one_line(e), exc_info=True, extra={FILE_ONLY: True})
+            raise
+        except KeyboardInterrupt:
+            log.warning("interrupted: %s is unfinished; continue it with --resume", rundir.path)
+            raise
+
+
+def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]) -> dict[str, Any]:
+    """Load, evaluate before, train, save, evaluate after; ``results`` is updated (and written) as it goes."""
+    model_name, organism, mcfg, resume = plan.model_name, plan.organism, plan.method_config, plan.mode == "resume"
+    name = cfg.name or rundir.path.name
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(model_name, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype, device)
                                   if cfg.model_dtype != "auto" else "auto", device=str(device))
-    results: dict[str, Any] = (rundir.read_results() or {}) if resume else {}
     results.update({"model": model_name, "method": cfg.method})
     if cfg.eval.before and "before" not in results and is_main_process():
         log.info("evaluating the model before unlearning")
         results["before"] = evaluate_model(model, tokenizer, cfg, organism, device)
         rundir.write_results(results)
 
-    data = prepare_data(cfg, tokenizer, organism)
+    data = prepare_data(cfg, tokenizer, organism, plan.texts)
     module = method_module(cfg.method)
     model, method = module.build(model, BuildContext(model_name=model_name, tokenizer=tokenizer, data=data,
                                                      device=device, train=cfg.train, seed=cfg.train.seed,
@@ -188,7 +232,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
                                     tensorboard_dir=rundir.file("tensorboard") if cfg.logging.tensorboard else None)
     model.train()
     train(model, method, streams, cfg.train, device=device, metrics=metrics,
-          checkpointer=Checkpointer(rundir.file("checkpoint")), resume=resume)
+          checkpointer=Checkpointer(rundir.checkpoint_path), resume=resume)
     metrics.close()
     if method.train_summary:  # a method's training metrics at its summary step
         results["train_summary"] = method.train_summary
@@ -216,6 +260,8 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
             results["reference"] = evaluate_model(ref_model, ref_tok, cfg, organism, device)
             results["reference_model"] = reference
         results["run_dir"] = str(rundir.path)
-        rundir.write_results(results)
+        rundir.complete(results)
+        if not cfg.save.keep_checkpoint:  # after "complete": a kill in between only leaves it behind
+            shutil.rmtree(rundir.checkpoint_path, ignore_errors=True)
     barrier()
     return results

@@ -9,9 +9,15 @@ A grid file::
     grid:                                     # ... and/or a product of value lists
       train.seed: [0, 1]
 
+Each row's config is the grid's base <- the row's keys <- the command line's overrides (the user
+typed those last, so they win over every row; a row's own ``name`` is always its own).
+
 Runs execute one after another in this process (``executor: local``) or as a SLURM job array
-through submitit (``executor: slurm``). Each run writes its own run directory, so a sweep that is
-stopped resumes by skipping rows whose results are complete.
+through submitit (``executor: slurm``). Every row is validated (preflight) before any runs. Each
+run writes its own run directory with its status, so running the sweep again resumes it: rows
+that are complete are skipped, an unfinished row (killed) resumes from its checkpoint, a failed
+row is skipped with a note unless ``retry_failed`` (then it starts afresh). With the local executor
+a row that fails does not stop the others; the summary names the rows that failed.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.core.config import from_dict, merge, read_yaml
-from unlearning.core.errors import ConfigError
-from unlearning.core.rundir import safe_name
+from unlearning.core.errors import ConfigError, UserError
+from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, safe_name
+from unlearning.methods import METHODS, method_module
+from unlearning.preflight import preflight
+from unlearning.runner import RunConfig, one_line, run
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +88,21 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(raw.get("name") or path.stem, base, [GridRow(row_name(r), r) for r in rows])
 
 
-def row_config(grid: Grid, row: GridRow, output_dir: str | None = None) -> Any:
-    """The validated RunConfig of one row."""
-    from unlearning.methods import METHODS, method_module
-    from unlearning.runner import RunConfig
-    data = merge(grid.base, nest(row.overrides))
+@dataclass
+class RowOutcome:
+    """What happened to one row: ``status`` is complete, failed, skipped-failed or submitted."""
+    row: GridRow
+    path: Path
+    status: str
+    note: str = ""
+
+
+def row_config(grid: Grid, row: GridRow, output_dir: str | None = None,
+               overrides: dict[str, Any] | None = None) -> Any:
+    """The validated RunConfig of one row: base <- row <- ``overrides`` (nested, from the command line)."""
+    if overrides and "name" in overrides:
+        raise ConfigError("name: a sweep names its rows <grid name>/<row name>; set the grid's name: instead")
+    data = merge(merge(grid.base, nest(row.overrides)), overrides or {})
     data["name"] = f"{grid.name}/{row.name}"
     if output_dir:
         data["output_dir"] = output_dir
@@ -94,44 +113,68 @@ def row_config(grid: Grid, row: GridRow, output_dir: str | None = None) -> Any:
     return cfg
 
 
-def _run_one(cfg: Any) -> dict[str, Any]:
-    from unlearning.runner import run
-    return run(cfg)
+def _run_one(cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """One row (a module-level function: submitit pickles it for SLURM)."""
+    return run(cfg, resume=resume)
 
 
 def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "local",
-             slurm: dict[str, Any] | None = None, skip_done: bool = True, overrides: dict[str, Any] | None = None,
-             retry_failed: bool = False) -> list[tuple[GridRow, Path]]:
-    """Run every row; returns (row, run directory) pairs.
-
-    ``overrides`` (run-config keys for every row) and ``retry_failed``: passed by ``unlearn sweep``;
-    applied by the sweep life cycle (until then the command merges ``overrides`` into the base).
-    """
-    from unlearning.core.rundir import RunDir
-    configs = [(row, row_config(grid, row, output_dir)) for row in grid.rows]  # validate all before any runs
-    todo, out = [], []
-    for row, cfg in configs:
-        rd = RunDir(Path(cfg.output_dir) / cfg.name, create=False)
-        out.append((row, rd.path))
-        results = rd.read_results() if rd.results_path.exists() else None
-        if skip_done and results and "after" in results:
-            log.info("%s: complete, skipped", row.name)
-            continue
-        todo.append(cfg)
-    if executor == "local":
-        for cfg in todo:
-            log.info("sweep %s: running %s", grid.name, cfg.name)
-            _run_one(cfg)
-    elif executor == "slurm":
+             slurm: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+             retry_failed: bool = False) -> list[RowOutcome]:
+    """Run (or resume) every row; returns one outcome per row, in grid order."""
+    if executor not in ("local", "slurm"):
+        raise ConfigError(f"executor: {executor!r} is not known; choose local or slurm")
+    outcomes: list[RowOutcome] = []
+    todo: list[tuple[RowOutcome, Any, bool]] = []  # (outcome, config, resume)
+    for row in grid.rows:  # validate every row before any runs
         try:
-            import submitit
+            cfg = row_config(grid, row, output_dir, overrides)
+            rd = RunDir(Path(cfg.output_dir) / cfg.name, create=False)
+            status = rd.status()
+            outcome = RowOutcome(row, rd.path, status or "")
+            outcomes.append(outcome)
+            if status == COMPLETE:
+                outcome.note = "complete, skipped"
+            elif status == FAILED and not retry_failed:
+                outcome.status, outcome.note = "skipped-failed", (
+                    f"failed earlier ({(rd.read_results() or {}).get('error', 'see its log.txt')}); "
+                    f"skipped: pass --retry-failed to run it again")
+            else:
+                resume = status == RUNNING  # killed: continue from its checkpoint
+                preflight(cfg, resume=resume)
+                todo.append((outcome, cfg, resume))
+        except UserError as e:  # keeps its type (ConfigError, DataError...): the CLI prints one line
+            raise type(e)(f"sweep {grid.name}, row {row.name}: {e}") from None
+    for outcome in outcomes:
+        if outcome.note:
+            log.info("sweep %s: %s: %s", grid.name, outcome.row.name, outcome.note)
+    if executor == "local":
+        for outcome, cfg, resume in todo:
+            log.info("sweep %s: %s %s", grid.name, "resuming" if resume else "running", outcome.row.name)
+            try:
+                _run_one(cfg, resume)
+                outcome.status, outcome.note = COMPLETE, "resumed" if resume else "ran"
+            except Exception as e:  # recorded in the row's results.json and log.txt; the next row runs
+                outcome.status, outcome.note = FAILED, one_line(e)
+                log.error("sweep %s: %s failed: %s", grid.name, outcome.row.name, outcome.note)
+        _log_summary(grid, outcomes)
+    else:
+        try:
+            import submitit  # optional: only SLURM sweeps need it
         except ImportError as e:
             raise ConfigError("executor: slurm needs submitit: pip install 'unlearning[sweep]'") from e
         folder = Path(output_dir or "runs") / grid.name / "slurm"
         ex = submitit.AutoExecutor(folder=str(folder))
         ex.update_parameters(**(slurm or {}))
-        jobs = ex.map_array(_run_one, todo)
+        jobs = ex.map_array(_run_one, [c for _, c, _ in todo], [r for _, _, r in todo])
+        for (outcome, _, _), job in zip(todo, jobs):
+            outcome.status, outcome.note = "submitted", f"job {job.job_id}"
         log.info("submitted %d jobs: %s", len(jobs), ", ".join(j.job_id for j in jobs))
-    else:
-        raise ConfigError(f"executor: {executor!r} is not known; choose local or slurm")
-    return out
+    return outcomes
+
+
+def _log_summary(grid: Grid, outcomes: list[RowOutcome]) -> None:
+    failed = [o for o in outcomes if o.status in (FAILED, "skipped-failed")]
+    done = sum(o.status == COMPLETE for o in outcomes)
+    log.info("sweep %s: %d of %d rows complete%s", grid.name, done, len(outcomes),
+             f"; failed: {', '.join(f'{o.row.name} ({o.note})' for o in failed)}" if failed else "")

@@ -1,4 +1,4 @@
-"""``unlearn run [CONFIG.yaml] [--dotted.key value ...] [--resume]``."""
+"""``unlearn run [CONFIG.yaml] [--dotted.key value ...] [--resume] [--overwrite] [--force]``."""
 
 from __future__ import annotations
 

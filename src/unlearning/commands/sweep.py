@@ -3,6 +3,8 @@
 Runs every row of a grid file (a base config + rows and/or a product grid), then prints a table.
 Run-config keys given on the command line (``--train.seed 3``) apply to every row. SLURM options
 go through submitit: ``--slurm.gpus_per_node 4 --slurm.timeout_min 120 --slurm.slurm_partition gpu``.
+Running a sweep again resumes it (complete rows skipped, killed rows resumed from their
+checkpoints, failed rows rerun with ``--retry-failed``); precedence is base <- row <- command line.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class SweepConfig:
     columns: list[str] | None = param(None, help="report columns (see unlearn report; default: the swept keys "
                                                  "and the organism accuracies)")
     dry_run: bool = param(False, help="validate and list the rows, run nothing")
+    resume: bool = param(False, help="accepted for clarity: running a sweep again always resumes it (complete rows "
+                                     "skipped, killed rows continued from their checkpoints)")
     retry_failed: bool = param(False, help="run again the rows whose run failed")
     slurm: dict[str, Any] = param(default_factory=dict, help="submitit parameters (--slurm.timeout_min 120)")
 
@@ -39,18 +43,21 @@ def main(argv: list[str]) -> int:
     opts, overrides = parsed
     setup_logging()
     grid = load_grid(opts.grid)
-    # Until run_grid applies `overrides` itself (the sweep life cycle), they go into the base here;
-    # merging them twice is harmless: the same keys get the same values.
-    grid.base = merge(grid.base, overrides)
     if opts.dry_run:
         for row in grid.rows:
-            cfg = row_config(grid, row, opts.output_dir)
+            cfg = row_config(grid, row, opts.output_dir, overrides)
             print(f"{cfg.output_dir}/{cfg.name}: {row.overrides}")
         return 0
     done = run_grid(grid, output_dir=opts.output_dir, executor=opts.executor, slurm=opts.slurm,
                     overrides=overrides, retry_failed=opts.retry_failed)
     if opts.executor == "local":
-        keys = sorted({k for row, _ in done for k in row.overrides})
+        complete = [o for o in done if o.status == "complete"]
+        keys = sorted({k for o in done for k in o.row.overrides})
         columns = opts.columns or keys + DEFAULT_COLUMNS.split(",")
-        print(report_table([d for _, d in done], columns))
+        if complete:
+            print(report_table([o.path for o in complete], columns))
+        for o in done:
+            if o.status != "complete":
+                print(f"{o.row.name}: {o.status}: {o.note}")
+        return 1 if len(complete) < len(done) else 0
     return 0

@@ -14,23 +14,48 @@ from unlearning.core.io import append_jsonl, atomic_write_text, dumps_json, read
 log = logging.getLogger("unlearning")
 
 
-def setup_logging(level: str | int = "INFO", logfile: str | Path | None = None) -> None:
-    """Log to stderr (and to ``logfile`` when given) with one consistent format."""
+FILE_ONLY = "file_only"  # ``log.error(..., extra={FILE_ONLY: True})``: for log.txt, not the console
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, FILE_ONLY, False)
+
+
+def setup_logging(level: str | int = "INFO", logfile: str | Path | None = None) -> logging.Handler | None:
+    """Log to stderr (and to ``logfile`` when given) with one consistent format.
+
+    Returns the file handler this call attached (None when there is no logfile or one is already
+    attached for it), so a caller that runs several jobs in one process (a sweep) can
+    :func:`detach` it when its job ends: otherwise the first job's log.txt collects every later
+    job's lines too.
+    """
     root = logging.getLogger("unlearning")
     root.setLevel(level if isinstance(level, int) else level.upper())
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_unlearning", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
+        h.addFilter(_not_file_only)  # tracebacks meant for log.txt; the CLI prints one line
         h._unlearning = True  # type: ignore[attr-defined]
         root.addHandler(h)
-    if logfile is not None:
-        path = str(Path(logfile).resolve())
-        if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
-            fh = logging.FileHandler(path)
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
     root.propagate = False
+    if logfile is None:
+        return None
+    path = str(Path(logfile).resolve())
+    if any(getattr(h, "baseFilename", None) == path for h in root.handlers):
+        return None
+    fh = logging.FileHandler(path)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return fh
+
+
+def detach(handler: logging.Handler | None) -> None:
+    """Remove a handler :func:`setup_logging` attached, and close its file."""
+    if handler is None:
+        return
+    logging.getLogger("unlearning").removeHandler(handler)
+    handler.close()
 
 
 class MetricsLogger:

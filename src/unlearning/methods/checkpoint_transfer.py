@@ -172,3 +172,12 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
     log.info("checkpoint transfer: layers %s, %d steps, retain %s (coef %g), remove coef %g, schedule %s",
              layers, total, cfg.retain_loss, cfg.retain_coef, cfg.remove_coef, cfg.schedule)
     return model, method
+
+
+def validate(cfg: Config, depth: int) -> None:
+    """Check what can be checked before the model loads: the target layers against its ``depth``
+    (the teacher's depth is checked once it loads) and that the affine map's file exists."""
+    resolve_target_layers(cfg.target_layers, depth, field="checkpoint_transfer.target_layers")
+    if cfg.affine and not Path(cfg.affine).expanduser().is_file():
+        raise ConfigError(f"checkpoint_transfer.affine: {cfg.affine} does not exist; fit one with "
+                          f"`unlearn fit-affine` or set affine: null")

@@ -81,3 +81,9 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
     log.info("circuit breakers: layers %s, %d steps, retain %s (coef %g), remove coef %g, schedule %s",
              layers, total, cfg.retain_loss, cfg.retain_coef, cfg.remove_coef, cfg.schedule)
     return model, method
+
+
+def validate(cfg: Config, depth: int) -> None:
+    """Check the target layers against a model of ``depth`` layers before it loads (the preflight
+    checks the shared lora / full / mask layers itself)."""
+    resolve_target_layers(cfg.target_layers, depth, field="circuit_breaker.target_layers")

@@ -120,3 +120,10 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
              layer, cfg.modules, update, cfg.finetune, total, scale, cfg.alpha)
     return model, method
 
+
+def validate(cfg: Config, depth: int) -> None:
+    """Check the steered layer and the update layers against a model of ``depth`` layers before it
+    loads (the default update layers, l-2..l clipped at 0, are valid whenever l is)."""
+    parse_layer_spec([cfg.layer if cfg.layer is not None else default_layer(depth)], depth, field="rmu.layer")
+    if cfg.update_layers is not None:
+        parse_layer_spec(cfg.update_layers, depth, field="rmu.update_layers")

@@ -254,3 +254,11 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
     log.info("sequential: layers %s, steps per phase %s, %d steps in total (%s)", layers, steps, sum(steps),
              "LoRA" if cfg.finetune == "lora" else "full fine-tuning of the target layer")
     return model, Sequential(cfg, layers, steps, depth, originals=originals, seed=ctx.seed)
+
+
+def validate(cfg: Config, depth: int) -> None:
+    """Check the target and retain layers against a model of ``depth`` layers before it loads (the
+    preflight reads the depth from config.json or the organism preset, and checks the shared
+    lora / mask layers itself)."""
+    for layer in target_layers(cfg.layers, depth):
+        retain_layers_for(cfg.retain_layers, depth, layer)

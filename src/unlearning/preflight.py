@@ -1,0 +1,232 @@
+"""Checks before work: what `unlearn run` can check before the weights load, in a few seconds.
+
+A run used to find a bad layer spec, a missing or empty data file or an unknown task only after
+the model had loaded and the "before" evaluation had run, leaving a half-made run directory that
+then blocked the name. :func:`preflight` checks, reading only and writing nothing:
+
+- the model name resolves: an organism preset is known, a local folder is a model folder (or a
+  run directory with ``model/``), a hub id is in the cache when ``HF_HUB_OFFLINE`` is set;
+- each layer spec of the method's section against the model's depth, read from ``config.json``
+  (a local folder, a run directory, the Hugging Face cache) or the organism preset, with the
+  methods' own parsers (``validate`` in each method module);
+- local data files exist, hold examples and have the named column (read here once and kept in
+  the :class:`Plan`, so the run does not read them again); ``organism:`` corpora need an organism
+  model (its cache is built, if missing, when the data load); ``hub:`` and named corpora are
+  checked by their own fast hub probe when they load;
+- every evaluation task name resolves (local question files are read) and the list is not empty;
+- the run name is free, or the flags say what to do with the run found there
+  (:func:`unlearning.core.rundir.start_mode`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+
+from unlearning.core.config import to_dict
+from unlearning.core.errors import ConfigError, DataError, UserError
+from unlearning.core.hub import hub_offline
+from unlearning.core.rundir import RunDir, StartMode, safe_name, start_mode
+from unlearning.data.corpora import is_corpus
+from unlearning.data.text import ORGANISM_CORPORA, TextSource, load_texts
+from unlearning.methods import method_module
+from unlearning.model.layers import parse_layer_spec
+from unlearning.model.loading import resolve_model_path, split_revision
+from unlearning.organism.presets import PRESETS
+from unlearning import tasks as task_registry
+from unlearning.organism.registry import is_organism_name, organism_preset, parse_organism_name
+
+RunConfig = Any  # unlearning.runner.RunConfig (runner imports this module, so not the other way round)
+
+log = logging.getLogger(__name__)
+
+# Keys that may change when a run is resumed: where it runs and how it logs, not what it computes.
+# output_dir is here because the run directory was found, so it names the same folder.
+FREE_ON_RESUME = ("device", "output_dir", "logging.*", "eval.batch_size")
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # config.json spellings
+CORPORA = ("forget", "retain", "extra_retain")
+
+
+@dataclass
+class Plan:
+    """What preflight found: the run goes ahead with these."""
+    model_name: str
+    organism: str | None  # the organism preset, for organism:* data and tasks
+    depth: int | None  # None: not known before loading (a hub id not cached, a .gguf file)
+    method_config: Any
+    rundir: Path
+    mode: StartMode
+    record: dict[str, Any]  # what config.yaml holds
+    changes: list[str] = field(default_factory=list)  # config changes a --force resume accepted
+    texts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # local corpora, already read
+
+
+def resolved_model_name(name: str) -> str:
+    if name == "auto":
+        return "organism:small" if torch.cuda.is_available() else "organism:tiny"
+    return name
+
+
+def run_record(cfg: RunConfig, model_name: str, method_config: Any) -> dict[str, Any]:
+    """config.yaml of a run: the config with the model resolved and the method's defaults filled in."""
+    return {**to_dict(cfg), "model": model_name, cfg.method: to_dict(method_config)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: does the name resolve, and how deep is it?
+
+
+def local_model_folder(name: str, revision: str | None = None, key: str = "model") -> Path | None:
+    """The folder (or .gguf file) a model name points to, found without downloading anything;
+    None for a hub id that is not cached while the hub may be used (it is fetched when it loads).
+    A name that cannot resolve is a one-line error naming ``key``."""
+    base, rev = split_revision(name, revision)
+    try:
+        if Path(base).expanduser().exists() or hub_offline("TRANSFORMERS_OFFLINE"):
+            return resolve_model_path(name, revision)  # a local path, or the cache only: no network
+        try:
+            cached = try_to_load_from_cache(base, "config.json", revision=rev)
+        except ValueError:  # not a valid repo id (HFValidationError): resolving it says why, offline
+            return resolve_model_path(name, revision)
+        return Path(cached).parent if isinstance(cached, str) else None
+    except UserError as e:
+        raise type(e)(_rekey(str(e), "model", key)) from None
+
+
+def _rekey(message: str, old: str, new: str) -> str:
+    """Messages of shared helpers start with their own key (``model: ...``); name the caller's."""
+    return new + message[len(old):] if message.startswith(old + ":") else f"{new}: {message}"
+
+
+def folder_depth(folder: Path) -> int | None:
+    """Decoder layers, from config.json; an adapter folder's base model; None for a .gguf file.
+
+    Read as JSON rather than through transformers' AutoConfig: importing transformers takes seconds
+    and preflight should fail in fewer."""
+    if folder.is_file():
+        return None
+    config = folder / "config.json"
+    if not config.is_file() and (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return model_depth(base, None) if base else None
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    for section in (data, data.get("text_config") or {}):
+        for k in DEPTH_KEYS:
+            if isinstance(section.get(k), int):
+                return section[k]
+    return None
+
+
+def model_depth(name: str, revision: str | None, key: str = "model") -> int | None:
+    """The model's depth without loading it; the organism's from its preset (built or not)."""
+    if is_organism_name(name):
+        try:
+            parsed = parse_organism_name(name, revision)
+        except UserError as e:
+            raise type(e)(_rekey(str(e), "model", key)) from None
+        return PRESETS[parsed.preset].model.num_layers
+    folder = local_model_folder(name, revision, key)
+    return folder_depth(folder) if folder is not None else None
+
+
+def check_layers(cfg: RunConfig, method_config: Any, depth: int) -> None:
+    """Every layer spec of the method's section: its own keys through the method's ``validate``,
+    then the keys of the settings all methods share: ``lora.layers`` (LoRA), ``full_layers`` (full
+    fine-tuning in the representation methods) and ``mask.layer`` (the token mask)."""
+    method_module(cfg.method).validate(method_config, depth)
+    section, finetune = cfg.method, getattr(method_config, "finetune", None)
+    lora_layers = getattr(getattr(method_config, "lora", None), "layers", None)
+    if finetune == "lora" and lora_layers is not None:
+        parse_layer_spec(lora_layers, depth, field=f"{section}.lora.layers")
+    full_layers = getattr(method_config, "full_layers", None)
+    if finetune == "full" and full_layers is not None:
+        parse_layer_spec(full_layers, depth, field=f"{section}.full_layers")
+    mask_layer = getattr(getattr(method_config, "mask", None), "layer", None)
+    if mask_layer is not None:
+        parse_layer_spec([mask_layer], depth, field=f"{section}.mask.layer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and tasks
+
+
+def read_local_corpora(cfg: RunConfig, organism: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Read the local data files (kept for the run); check the names of the other sources."""
+    texts = {}
+    for name in CORPORA:
+        src: TextSource | None = getattr(cfg.data, name)
+        if src is None or (name == "extra_retain" and cfg.data.extra_retain_ratio <= 0):
+            continue
+        key, source = f"data.{name}.source", src.source
+        if source.startswith("organism:"):
+            corpus = source.split(":", 1)[1]
+            if corpus not in ORGANISM_CORPORA:
+                raise DataError(f"{key}: {source!r} is not an organism corpus; choose one of "
+                                + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
+            if organism is None:
+                raise DataError(f"{key}: {source!r} needs an organism model (model: organism:tiny or "
+                                f"organism:small); with model {cfg.model!r} point it at a local file")
+        elif source.startswith("hub:") or is_corpus(source):
+            continue  # fetched when the data load, after the hub's own fast reachability probe
+        else:
+            try:
+                texts[name] = load_texts(src, organism)
+            except DataError as e:  # the reader says "data.<corpus>.column": name the corpus
+                raise DataError(f"{key}: {str(e).replace('data.<corpus>.', f'data.{name}.')}") from None
+    return texts
+
+
+def check_tasks(names: Any) -> None:
+    """Each task resolves, without loading a model, an organism or a hub dataset: registered names
+    are looked up (``NAME=PATH``: the file must exist), other names are read as local files."""
+    names = task_registry.split_task_names(names)
+    if not names:
+        raise ConfigError("eval.tasks: no task named; give at least one, e.g. --eval.tasks "
+                          "organism_hazard_cloze,organism_general_cloze (the run evaluates before and after)")
+    for name in names:
+        registered, _, data_path = name.partition("=")
+        if registered in task_registry.TASKS:
+            if data_path and not Path(data_path).expanduser().exists():
+                raise DataError(f"eval.tasks: {name!r}: {data_path} does not exist")
+            continue
+        try:
+            task_registry.get_tasks([name])  # a local question file (read and checked) or an error
+        except UserError as e:
+            raise type(e)(_rekey(str(e), "tasks", "eval.tasks")) from None
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> Plan:
+    """Check everything that can be checked before the weights load; raise a one-line UserError
+    naming the config key (and the fix) for the first problem. Writes nothing."""
+    model_name = resolved_model_name(cfg.model)
+    organism = organism_preset(model_name)
+    method_config = cfg.method_config()
+    record = run_record(cfg, model_name, method_config)
+    rundir = RunDir(Path(cfg.output_dir) / (cfg.name or safe_name(f"{cfg.method}-{model_name}")), create=False)
+    mode, changes = start_mode(rundir, record, resume=resume, overwrite=overwrite, force=force,
+                               free=FREE_ON_RESUME)
+    plan = Plan(model_name, organism, None, method_config, rundir.path, mode, record, changes)
+    if mode == "complete":  # nothing will run
+        return plan
+    plan.depth = model_depth(model_name, cfg.revision)
+    if plan.depth is not None:
+        check_layers(cfg, method_config, plan.depth)
+    else:
+        log.info("model %s: depth unknown before loading; layer specs are checked once it loads", model_name)
+    plan.texts = read_local_corpora(cfg, organism)
+    check_tasks(cfg.eval.tasks)
+    reference = cfg.eval.reference
+    if reference and reference != "auto":
+        model_depth(reference, None, key="eval.reference")
+    return plan

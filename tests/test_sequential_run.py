@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_models import VOCAB, save_tiny
+from tiny_models import VOCAB, save_tiny
 from unlearning.core.config import from_dict
 from unlearning.methods import sequential as seq
 from unlearning.runner import RunConfig, run

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from unlearning.core.config import ConfigError, from_dict, load_config, param, to_dict
+from unlearning.core.io import match_umask
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.methods import METHODS, method_module
 from unlearning.training.loop import Checkpointer, TrainConfig, train
@@ -140,6 +141,7 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
         obj.save_pretrained(tmp)
         if obj is not tokenizer:
             tokenizer.save_pretrained(tmp)
+        match_umask(tmp)  # safetensors writes the weights 0600 whatever the umask
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
 

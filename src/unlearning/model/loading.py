@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from unlearning.core.errors import ModelNotFoundError, UserError
+from unlearning.core.io import match_umask
 from unlearning.core.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device, resolve_dtype
@@ -299,6 +300,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *,
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf_file": str(gguf_file)}) + "\n")
+        match_umask(tmp)  # mkdtemp makes the folder 0700 and safetensors the weights 0600
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -11,6 +11,11 @@ class DataError(UserError, ValueError):
     """A data file is missing, empty, or has a bad row."""
 
 
+class CorruptFileError(UserError, OSError):
+    """A saved file (weights, a cache's JSON) is truncated or unreadable; the message names it and how
+    to write it again."""
+
+
 class ModelNotFoundError(UserError, OSError):
     """A model id or path cannot be resolved (offline hub, missing folder)."""
 

@@ -35,6 +35,7 @@ from unlearning.core.io import match_umask
 from unlearning.core.hub import HUB_TIMEOUT_S, HubProbeError, hub_offline, probe_hub
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device, resolve_dtype
+from unlearning.model.integrity import check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def _from_pretrained(path: Path, dtype: Any, device: torch.device, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         _drop_gguf_marker(model)
     else:
+        check_model_folder(path)  # a truncated file: one line naming it, not a traceback from transformers
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return model.to(device) if device.type != "cuda" else model
 
@@ -270,6 +272,7 @@ def load_weights(name: str | os.PathLike, *, revision: str | None = None, dtype:
 def _load_adapter(path: Path, dtype: Any, device: torch.device, trust_remote_code: bool,
                   merge: bool) -> tuple[Any, Path]:
     from peft import PeftModel
+    check_model_folder(path)  # the adapter's own files; the base model's are checked as it loads
     config = json.loads((path / "adapter_config.json").read_text())
     base_name = config.get("base_model_name_or_path")
     if not base_name:

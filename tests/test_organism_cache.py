@@ -6,6 +6,7 @@ run where the cache is opened (``ensure_organism``), so every model name and com
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -62,6 +63,18 @@ def test_a_missing_model_file_is_named(cache):
 def test_a_corrupt_build_json_is_named(cache, text):
     cache.build_json.write_text(text)
     assert "is corrupt" in expect_one_line(cache.build_json)
+
+
+def test_a_build_json_without_the_current_keys_is_named(cache):
+    info = json.loads(cache.build_json.read_text())
+    del info["corpus_counts"]
+    cache.build_json.write_text(json.dumps(info))
+    assert "no corpus_counts" in expect_one_line(cache.build_json)
+
+
+def test_an_older_format_is_stale_not_corrupt(cache):
+    cache.build_json.write_text(json.dumps({"format_version": -1, "config": {}}))  # rebuilt, as before
+    assert build._stored_build(cache, force=False) is None
 
 
 def test_force_rebuilds_past_an_unreadable_build_json(cache):

@@ -16,16 +16,21 @@ from typing import Any
 from unlearning.core.errors import CorruptFileError
 from unlearning.model.integrity import check_json, check_model_folder, organism_fix
 
-BUILD_KEYS = ("format_version", "config", "checkpoint_steps", "early_checkpoint", "corpus_counts")
+BUILD_KEYS = ("format_version", "config")  # any format's build.json: enough to tell a stale build
+CURRENT_KEYS = ("checkpoint_steps", "early_checkpoint", "corpus_counts")  # the current format's, used below
+
+
+def _require_keys(paths: Any, info: Any, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in info] if isinstance(info, dict) else list(keys)
+    if missing:
+        raise CorruptFileError(f"{paths.build_json} is corrupt (no {', '.join(missing)}); "
+                               f"{organism_fix(paths.preset)}")
 
 
 def read_build_info(paths: Any) -> dict[str, Any]:
     """``build.json`` parsed, or a one-line error naming it and the rebuild command."""
     info = check_json(paths.build_json, organism_fix(paths.preset))
-    missing = [k for k in BUILD_KEYS if k not in info] if isinstance(info, dict) else list(BUILD_KEYS)
-    if missing:
-        raise CorruptFileError(f"{paths.build_json} is corrupt (no {', '.join(missing)}); "
-                               f"{organism_fix(paths.preset)}")
+    _require_keys(paths, info, BUILD_KEYS)
     return info
 
 
@@ -39,6 +44,7 @@ def _require_file(path: Path, fix: str) -> None:
 def check_cache(paths: Any, info: dict[str, Any]) -> None:
     """Every file a complete build left (``info`` is its build.json) is present and whole."""
     fix = organism_fix(paths.preset)
+    _require_keys(paths, info, CURRENT_KEYS)
     for path in (paths.quality_json, paths.world_json):
         check_json(path, fix)
     for name in info["corpus_counts"]:  # every data file the build wrote, corpora and question sets

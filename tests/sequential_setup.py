@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.tiny_models import tiny_model
+from tiny_models import tiny_model
 from unlearning.core.config import from_dict
 from unlearning.data.text import TokenizedData
 from unlearning.methods import BuildContext

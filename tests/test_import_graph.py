@@ -30,7 +30,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "unlearning"
 
 LAYERS: list[tuple[str, ...]] = [
     ("unlearning.core",),
-    ("unlearning.model.layers",),  # family-agnostic layer access: scoring reads the unembedding
+    # family-agnostic layer access (scoring reads the unembedding); weight-file checks (the organism
+    # cache checks its models)
+    ("unlearning.model.layers", "unlearning.model.integrity"),
     ("unlearning.data", "unlearning.data.files", "unlearning.data.hub"),  # the package itself is empty
     ("unlearning.evaluation",),
     ("unlearning.organism",),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.lifecycle_setup import Job
+from run_setup import Job
 from unlearning import runner
 from unlearning.cli import main
 from unlearning.core.config import ConfigError, from_dict
@@ -33,7 +33,7 @@ def _write(path, text):
 BAD_INPUT = {
     "missing data file": (lambda root: ["--data.forget.source=missing.jsonl"], "data.forget.source", "not found"),
     "empty data file": (lambda root: [f"--data.retain.source={_write(root / 'empty.jsonl', '')}"],
-                        "data.retain.source", "no examples"),
+                        "data.retain.source", "the file is empty; it needs one example per row"),
     "wrong column": (lambda root: ["--data.forget.column=body"], "data.forget.source", "set data.forget.column"),
     "layer out of range": (lambda root: ["--sequential.layers=[3, 7]"], "sequential.layers", "4 layers"),
     "retain layer out of range": (lambda root: ["--sequential.retain_layers=[9]"], "sequential.retain_layers",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.lifecycle_setup import Job
+from run_setup import Job
 from unlearning import runner
 from unlearning.cli import main
 from unlearning.core.config import ConfigError
@@ -61,7 +61,7 @@ def test_a_failed_run_records_its_error_and_traceback_then_reruns_cleanly(job, m
 
 def test_a_complete_run_is_refused_unless_resume_returns_it_or_overwrite_starts_afresh(job, monkeypatch):
     first = run(job.config("x", save={"keep_checkpoint": True}))
-    assert (job.runs / "x" / "checkpoint" / "state.json").exists()  # kept when asked
+    assert (job.runs / "x" / "checkpoint" / "state.pt").exists()  # kept when asked
     with pytest.raises(ConfigError, match=r"holds a complete run; pass --resume .* --overwrite"):
         run(job.config("x", save={"keep_checkpoint": True}))
     with monkeypatch.context() as m:
@@ -79,7 +79,7 @@ def test_an_unfinished_run_is_refused_and_a_changed_config_on_resume_is_shown(jo
         run(job.config("x"))
     restore()
     assert job.results("x")["status"] == "running"  # a kill is not a failure: it resumes
-    assert (job.runs / "x" / "checkpoint" / "state.json").exists()
+    assert (job.runs / "x" / "checkpoint" / "state.pt").exists()
     with pytest.raises(ConfigError, match="unfinished run .*--resume to continue it from its checkpoint"):
         run(job.config("x"))
     changed = job.config("x", train={"optimizer": {"lr": 0.02}}, device="cpu", eval={"batch_size": 2})
@@ -90,7 +90,7 @@ def test_an_unfinished_run_is_refused_and_a_changed_config_on_resume_is_shown(jo
     results = run(changed, resume=True, force=True)
     assert results["status"] == "complete" and results["resumed_at"]
     log_text = (job.runs / "x" / "log.txt").read_text()
-    assert "resuming after phase 1" in log_text and "--force: resuming with train.optimizer.lr" in log_text
+    assert "resuming at step 2 of 6 (phase 1, step 0 of the phase)" in log_text and "--force: resuming with train.optimizer.lr" in log_text
 
 
 def test_resume_continues_a_failed_run_from_its_checkpoint(job, monkeypatch):
@@ -99,7 +99,7 @@ def test_resume_continues_a_failed_run_from_its_checkpoint(job, monkeypatch):
         run(job.config("x"))
     restore()
     assert run(job.config("x"), resume=True)["status"] == "complete"
-    assert "resuming after phase 1" in (job.runs / "x" / "log.txt").read_text()
+    assert "resuming at step 2 of 6 (phase 1, step 0 of the phase)" in (job.runs / "x" / "log.txt").read_text()
 
 
 def test_a_corrupt_results_json_is_one_line_naming_the_file_and_the_fix(job, capsys):

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from tests.sequential_setup import CPU, DEPTH, batch_of, ctx_for, setup
+from sequential_setup import CPU, DEPTH, batch_of, ctx_for, setup
+from tiny_models import float_logs
 from unlearning.core.config import from_dict
 from unlearning.core.errors import ConfigError
 from unlearning.data.text import BatchStream
@@ -223,13 +224,14 @@ def test_losses_start_on_the_notebook_scale():
         model.eval()
         terms = method.losses(model, {"forget": batch_of(data["forget"]), "retain": batch_of(data["retain"])},
                               ctx_for(method))
-        assert terms.logs["forget_loss"] == pytest.approx(expected, abs=1e-5)
-        assert terms.logs["retain_l2_loss"] == pytest.approx(0, abs=1e-5)
-        assert terms.logs["retain_kl_loss"] == pytest.approx(0, abs=1e-6)
-        assert terms.logs["retain_nll_loss"] > 1.0   # a random model's next-token loss
+        logs = float_logs(terms)
+        assert logs["forget_loss"] == pytest.approx(expected, abs=1e-5)
+        assert logs["retain_l2_loss"] == pytest.approx(0, abs=1e-5)
+        assert logs["retain_kl_loss"] == pytest.approx(0, abs=1e-6)
+        assert logs["retain_nll_loss"] > 1.0   # a random model's next-token loss
         # each term carries its own weight times the ramped coefficient
-        assert terms.logs["retain_loss"] == pytest.approx(sum(terms.logs[f"retain_{k}_loss"] for k in ("l2", "kl", "nll")))
-        assert float(terms.retain["retain_nll"].detach()) == pytest.approx(terms.logs["retain_coef"] * terms.logs["retain_nll_loss"], rel=1e-5)
+        assert logs["retain_loss"] == pytest.approx(sum(logs[f"retain_{k}_loss"] for k in ("l2", "kl", "nll")))
+        assert float(terms.retain["retain_nll"].detach()) == pytest.approx(logs["retain_coef"] * logs["retain_nll_loss"], rel=1e-5)
 
 
 def test_forget_loss_kinds_on_hand_made_logits():
@@ -276,12 +278,13 @@ def test_token_mask_restricts_positions_never_attention():
 def test_maintain_unlearned_adds_the_probes_of_finished_layers():
     model, method, data, _ = setup({"maintain_unlearned": True})
     _, terms = _forget_grads(model, method, data, 2)   # phase of layer 1; layers 3 and 2 are done
-    per = {k: v for k, v in terms.logs.items() if k.startswith("forget_loss_L")}
+    logs = float_logs(terms)
+    per = {k: v for k, v in logs.items() if k.startswith("forget_loss_L")}
     assert set(per) == {"forget_loss_L1", "forget_loss_L3", "forget_loss_L2"}
-    assert terms.logs["forget_loss"] == pytest.approx(sum(per.values()) / 3, rel=1e-5)
+    assert logs["forget_loss"] == pytest.approx(sum(per.values()) / 3, rel=1e-5)
     model2, method2, _, _ = setup({"maintain_unlearned": False})
     grads_plain, terms2 = _forget_grads(model2, method2, data, 2)
-    assert terms2.logs["forget_loss"] == pytest.approx(per["forget_loss_L1"], rel=1e-5)
+    assert float_logs(terms2)["forget_loss"] == pytest.approx(per["forget_loss_L1"], rel=1e-5)
     grads_maint, _ = _forget_grads(model, method, data, 2)
     # the probes of layers 3 and 2 run through the current layer 2: its adapters now get forget gradient
     name = next(n for n in grads_plain if lora_layer(n) == 2 and "lora_B" in n)
@@ -313,8 +316,9 @@ def test_retain_target_layer_l2_follows_the_phase():
     model, method, data, _ = setup({"retain_losses": {"kl": 2.0}})
     terms = method.losses(model, {"forget": batch_of(data["forget"]), "retain": batch_of(data["retain"])},
                           ctx_for(method))
-    assert set(terms.retain) == {"retain_kl"} and terms.logs["retain_kl_loss"] > 0
-    assert float(terms.retain["retain_kl"].detach()) == pytest.approx(2.0 * terms.logs["retain_coef"] * terms.logs["retain_kl_loss"], rel=1e-5)
+    logs = float_logs(terms)
+    assert set(terms.retain) == {"retain_kl"} and logs["retain_kl_loss"] > 0
+    assert float(terms.retain["retain_kl"].detach()) == pytest.approx(2.0 * logs["retain_coef"] * logs["retain_kl_loss"], rel=1e-5)
 
 
 class Killed(Exception):

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from tests.sequential_setup import CPU, DEPTH, batch_of, context, ctx_for, make_data, setup
-from tests.tiny_models import tiny_model
+from sequential_setup import CPU, DEPTH, batch_of, context, ctx_for, make_data, setup
+from tiny_models import float_logs, tiny_model, tiny_tokenizer
 from unlearning.core.config import from_dict
 from unlearning.data.text import BatchStream
 from unlearning.methods import sequential as seq
+from unlearning.training import loop
 from unlearning.training.loop import backward, train
 from unlearning.training.optim import asymmetric_filter, same_sign_filter
 from unlearning.runner import RunConfig
@@ -78,9 +79,8 @@ def test_lr_schedule_restarts_each_phase_or_spans_the_run(scope):
 # ----------------------------------------------------------------------------------------------- loop options
 
 def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
-    from unlearning.training import loop as common
     seen = []
-    real = common.build_optimizer
+    real = loop.build_optimizer
 
     def spy(named, cfg):
         named = list(named)
@@ -89,7 +89,7 @@ def test_max_grad_norm_clips_what_the_optimizer_sees(monkeypatch):
             float(torch.stack([p.grad.norm() for _, p in named if p.grad is not None]).norm())))
         return opt
 
-    monkeypatch.setattr(common, "build_optimizer", spy)
+    monkeypatch.setattr(loop, "build_optimizer", spy)
     for limit in (1e-3, 0.0):
         seen.clear()
         model, method, data, run_cfg = setup({"steps_per_layer": 2, "layers": [3]}, {"max_grad_norm": limit})
@@ -127,7 +127,6 @@ def test_lora_settings_choose_rank_and_modules():
 
 
 def test_mask_from_the_config_is_applied_at_build_and_changes_the_forget_loss():
-    from tests.tiny_models import tiny_tokenizer
     run_cfg = from_dict(RunConfig, {"model": "x", "train": {"batch_size": 2, "grad_accum": 1},
                                     "sequential": {"steps_per_layer": 2,
                                                    "mask": {"kind": "keyword", "keywords": [r"\bw[1-2]\d\b"],
@@ -140,7 +139,7 @@ def test_mask_from_the_config_is_applied_at_build_and_changes_the_forget_loss():
     assert torch.equal(mask, (ids >= 10) & (ids <= 29) & data["forget"].attention_mask.bool())
     model.eval()
     batches = {"forget": batch_of(data["forget"]), "retain": batch_of(data["retain"])}
-    with_mask = method.losses(model, batches, ctx_for(method)).logs["forget_loss"]
+    with_mask = float_logs(method.losses(model, batches, ctx_for(method)))["forget_loss"]
     del batches["forget"]["loss_mask"]
-    without = method.losses(model, batches, ctx_for(method)).logs["forget_loss"]
+    without = float_logs(method.losses(model, batches, ctx_for(method)))["forget_loss"]
     assert with_mask != pytest.approx(without, rel=1e-4)

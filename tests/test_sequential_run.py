@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_models import VOCAB, save_tiny
-from unlearning.core.config import from_dict
+from run_setup import make_local_job
 from unlearning.methods import sequential as seq
-from unlearning.runner import RunConfig, run
+from unlearning.runner import run
 from unlearning.training.checkpoint import Checkpointer
-
-
-def _texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(rng.randrange(6, 14))) for _ in range(n)]
 
 
 @pytest.fixture
 def local_job(tmp_path):
     """A saved tiny GPT-NeoX model, forget/retain corpora and a question file; returns a config factory."""
-    save_tiny(tmp_path / "model", family="gpt_neox", layers=4)
-    for name, seed in (("forget", 1), ("retain", 2)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(12, seed)))
-    rng = random.Random(3)
-    questions = [{"question": f"w{rng.randrange(3, VOCAB)} w{rng.randrange(3, VOCAB)}",
-                  "choices": [f"w{rng.randrange(3, VOCAB)}" for _ in range(4)], "answer": rng.randrange(4)}
-                 for _ in range(6)]
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-
-    def make(name: str, sequential: dict | None = None, train: dict | None = None) -> RunConfig:
-        return from_dict(RunConfig, {
-            "name": name, "output_dir": str(tmp_path / "runs"), "model": str(tmp_path / "model"),
-            "data": {"forget": {"source": str(tmp_path / "forget.jsonl")},
-                     "retain": {"source": str(tmp_path / "retain.jsonl")},
-                     "num_train_examples": 8, "seq_len": 16},
-            "train": {"batch_size": 2, "grad_accum": 2, "optimizer": {"lr": 1e-2}, **(train or {})},
-            "eval": {"tasks": [str(tmp_path / "q.jsonl") + ":cloze"], "reference": None, "batch_size": 4},
-            "sequential": {"steps_per_layer": 2, **(sequential or {})}})
-    make.root = tmp_path / "runs"
-    return make
+    return make_local_job(tmp_path)
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.lifecycle_setup import Job
+from run_setup import Job
 from unlearning import sweep
 from unlearning.cli import main
 from unlearning.core.config import ConfigError
@@ -82,14 +82,14 @@ def test_a_killed_sweep_resumes_and_each_row_logs_only_its_own_lines(job, monkey
     folders = [job.runs / "g" / row.name for row in grid.rows]
     assert job.results(f"g/{grid.rows[0].name}")["status"] == "complete"
     assert job.results(f"g/{grid.rows[1].name}")["status"] == "running"
-    assert (folders[1] / "checkpoint" / "state.json").exists() and not folders[2].exists()
+    assert (folders[1] / "checkpoint" / "state.pt").exists() and not folders[2].exists()
 
     calls = _spy_runs(monkeypatch)
     outcomes = run_grid(grid, overrides=overrides)
     assert calls == [(f"g/{grid.rows[1].name}", True), (f"g/{grid.rows[2].name}", False)]  # row 1 skipped
     assert [o.status for o in outcomes] == ["complete"] * 3
     assert [o.note for o in outcomes] == ["complete, skipped", "resumed", "ran"]
-    assert "resuming after phase 1" in (folders[1] / "log.txt").read_text()
+    assert "resuming at step 2 of 6 (phase 1, step 0 of the phase)" in (folders[1] / "log.txt").read_text()
     for i, folder in enumerate(folders):
         text = (folder / "log.txt").read_text()
         assert f"run {folder} " in text and yaml.safe_load((folder / "config.yaml").read_text())["train"]["seed"] == 3

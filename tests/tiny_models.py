@@ -57,3 +57,9 @@ def save_tiny(folder, family: str = "llama", seed: int = 0, layers: int = 3, dty
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+def float_logs(terms) -> dict[str, float]:
+    """A method's logged values as floats: methods log 0-d tensors (one sync per step, in the loop),
+    and ``pytest.approx`` compares numbers, not tensors (pytest >= 9.2 refuses to iterate a 0-d tensor)."""
+    return {k: float(v) for k, v in terms.logs.items()}

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from unlearning.core.config import from_dict, load_config, param, to_dict
-from unlearning.core.errors import UserError
+from unlearning.core.errors import one_line
+from unlearning.core.faults import fault_point
+from unlearning.core.io import match_umask
 from unlearning.core.logs import FILE_ONLY
 from unlearning.core.rundir import RunDir
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
@@ -148,6 +150,8 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
         obj.save_pretrained(tmp)
         if obj is not tokenizer:
             tokenizer.save_pretrained(tmp)
+        match_umask(tmp)  # safetensors writes the weights 0600 whatever the umask
+        fault_point("save_model")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
 
@@ -158,12 +162,6 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
         model = model.merge_and_unload()
     atomic_save(model, folder)
     return model
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as the one line results.json records (and the CLI prints)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict[str, Any]:
@@ -250,6 +248,7 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
                 results["models_dir"] = str(dest)
         results["after"] = evaluate_model(model, tokenizer, cfg, organism, device)
         rundir.write_results(results)
+        fault_point("final_eval")
         reference = cfg.eval.reference
         if reference == "auto":
             reference = f"organism:{organism}-filtered" if organism else None

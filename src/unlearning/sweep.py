@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.core.config import from_dict, merge, read_yaml
-from unlearning.core.errors import ConfigError, UserError
+from unlearning.core.errors import ConfigError, UserError, one_line
+from unlearning.core.faults import fault_point
 from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, safe_name
 from unlearning.methods import METHODS, method_module
 from unlearning.preflight import preflight
-from unlearning.runner import RunConfig, one_line, run
+from unlearning.runner import RunConfig, run
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "loca
             try:
                 _run_one(cfg, resume)
                 outcome.status, outcome.note = COMPLETE, "resumed" if resume else "ran"
+                fault_point("sweep_row")
             except Exception as e:  # recorded in the row's results.json and log.txt; the next row runs
                 outcome.status, outcome.note = FAILED, one_line(e)
                 log.error("sweep %s: %s failed: %s", grid.name, outcome.row.name, outcome.note)

@@ -42,6 +42,7 @@ from unlearning.evaluation.settings import EvalSettings
 from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
 from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, NonFiniteLossError
+from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json
 from unlearning.core.runtime import resolve_device, resolve_dtype, seed_everything
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
@@ -288,6 +289,7 @@ def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None
         if "error" in point:
             curve.update(status="failed", error=f"evaluation at step {step} failed: {point['error']}")
         atomic_write_json(curve_path, curve)
+        fault_point("attack_eval")
         acc = point_metric(point, cfg.tasks[0])
         log.info("%s step %d: %s acc %s, train loss %s", name, step, cfg.tasks[0],
                  f"{acc:.4f}" if acc is not None else "FAILED",

@@ -7,7 +7,9 @@
 Options are the fields of :class:`EvalConfig` (``--batch-size 16`` or ``--batch_size=16``), or a
 YAML file of them with ``--config FILE``. The run directory gets ``config.yaml``,
 ``results.json`` (task -> metric -> value), ``samples.jsonl`` with ``--log-samples``, and
-``log.txt``; a table of the results is printed at the end.
+``log.txt``; a table of the results is printed at the end. An evaluation that raises leaves
+``results.json`` as ``{"status": "failed", "error": ...}``; a killed one leaves no results.json,
+and evaluating into the same ``--output-dir`` again gives the results an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 
 from unlearning.core.cli import parse_command
 from unlearning.core.config import param, to_dict
-from unlearning.core.errors import ConfigError
+from unlearning.core.errors import ConfigError, one_line
 from unlearning.core.io import atomic_write_text, dumps_json
-from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.logs import FILE_ONLY
+from unlearning.core.rundir import FAILED, RunDir, safe_name, utc_now
 from unlearning.organism.registry import organism_preset
 from unlearning.reporting.tables import eval_table as format_table  # the one table formatter
 from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
@@ -78,7 +81,12 @@ def main(argv: list[str]) -> int:
     log.info("run directory %s", run.path)
 
     start = time.time()
-    results = evaluate(model, tokenizer, tasks, log_samples=cfg.log_samples, **cfg.evaluate_kwargs())
+    try:
+        results = evaluate(model, tokenizer, tasks, log_samples=cfg.log_samples, **cfg.evaluate_kwargs())
+    except Exception as e:  # the folder says so; a killed eval leaves none (rerun into it: same results)
+        run.write_results({"status": FAILED, "error": one_line(e), "failed_at": utc_now()})
+        log.error("evaluation failed: %s", one_line(e), exc_info=True, extra={FILE_ONLY: True})
+        raise
     seconds = time.time() - start
     samples = [rec for r in results.values() for rec in r.pop("samples", [])]
     if cfg.log_samples and is_main_process():

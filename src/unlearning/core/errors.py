@@ -18,6 +18,11 @@ class DataError(UserError, ValueError):
     """A data file is missing, empty, or has a bad row."""
 
 
+class CorruptFileError(UserError, OSError):
+    """A saved file (weights, a cache's JSON) is truncated or unreadable; the message names it and how
+    to write it again."""
+
+
 class ModelNotFoundError(UserError, OSError):
     """A model id or path cannot be resolved (offline hub, missing folder)."""
 
@@ -51,3 +56,9 @@ class HubProbeError(Exception):
         if self.kind == "no_revision":
             return f"the hub has no revision {self.revision!r}"
         return f"the hub cannot be reached ({self.detail})"
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as the one line results.json records (and the CLI prints)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}".rstrip(": ")

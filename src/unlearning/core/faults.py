@@ -7,8 +7,8 @@ reaches :func:`fault_point` ``(point)``. Unset, a fault point costs one environm
 Points: ``train_step`` (after an optimizer step and any checkpoint it writes), ``phase_end``
 (after a phase's checkpoint), ``save_model`` (half-way through saving the model), ``final_eval``
 (after the "after" evaluation, before the reference row), ``sweep_row`` (after a sweep row),
-``attack_eval`` (after an attack's evaluation point is on disk), ``eval_task`` (between tasks of
-``unlearn eval``).
+``attack_eval`` (after an attack's evaluation point is on disk), ``eval_batch`` (after a batch of
+log-likelihoods is scored, in any evaluation).
 """
 
 from __future__ import annotations

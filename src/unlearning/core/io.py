@@ -1,4 +1,10 @@
-"""Atomic file writes: a killed process never leaves a half-written result file."""
+"""Atomic file writes: a killed process never leaves a half-written result file.
+
+Files get the mode a plain ``open()`` would give them (0644 under the usual umask 022), so a run's
+results and weights are readable by the group or other users the umask allows: temp-file writers
+(``tempfile.mkstemp``, and safetensors >= 0.8, which writes through a 0600 temp file and renames it:
+safetensors issue #782) would otherwise leave every file private to its writer.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +26,48 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` can only be
+    read by setting it, which for a moment gives files other threads create the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (``mkdir()`` for a directory) gives a new file under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def match_umask(path: str | Path) -> Path:
+    """Give ``path`` (and, for a folder, everything in it) the mode a plain write would have given it.
+
+    For folders filled by writers that ignore the umask (``tempfile.mkdtemp``, safetensors'
+    ``save_file`` and so ``save_pretrained``), called before the folder is renamed into place.
+    """
+    path = Path(path)
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if not item.is_symlink():
+            item.chmod(dir_mode if item.is_dir() else file_mode)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path`` (with the umask's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), umask_mode())  # mkstemp creates 0600 whatever the umask
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

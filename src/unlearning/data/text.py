@@ -76,7 +76,8 @@ class TokenizedData:
 
 def _read_local(path: Path, column: str) -> list[dict[str, Any]]:
     """A local corpus file; a ``text`` column may instead be chat ``messages`` (rendered below)."""
-    rows = read_rows(path, "data source", fix="set data.<corpus>.column to the text column")
+    rows = read_rows(path, "data source", fix="it needs one example per row, its text in column "
+                     f"{column!r} (set data.<corpus>.column to another column's name)")
     if column != "text" or not all("messages" in row for row in rows if "text" not in row):
         require_columns(rows, (column,), "data source", path, fix="set data.<corpus>.column to the text column")
     return rows

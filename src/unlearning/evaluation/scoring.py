@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from unlearning.core.faults import fault_point
 from unlearning.core.runtime import autocast, is_main_process, resolve_device
 from unlearning.model.layers import unwrap_model
 
@@ -245,6 +246,7 @@ def _forward_longest_first(model, rows: Sequence[list[int]], spans: Sequence[tup
                 logits = head(hidden[row_of, pos_of])                                       # (N, V)
         yield idx, list(logits.split(lengths))
         bar.update(len(idx))
+        fault_point("eval_batch")
     bar.close()
 
 

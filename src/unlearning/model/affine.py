@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unlearning.core.errors import UserError
+from unlearning.core.io import match_umask
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def save_affine(path: str | Path, maps: dict[int, AffineMap], metadata: dict[str
         tensors[f"layers.{i}.bias"] = m.bias.detach().cpu().contiguous()
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"unlearning": json.dumps(metadata or {}, default=str)})
+    match_umask(tmp)  # safetensors writes 0600 whatever the umask
     tmp.replace(path)
     return path
 

@@ -32,8 +32,10 @@ import torch
 
 from unlearning.core.errors import HubProbeError, ModelNotFoundError, UserError
 from unlearning.core.hub import HUB_TIMEOUT_S, hub_offline, probe_hub
+from unlearning.core.io import match_umask
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device, resolve_dtype
+from unlearning.model.integrity import check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,7 @@ def _from_pretrained(path: Path, dtype: Any, device: torch.device, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         _drop_gguf_marker(model)
     else:
+        check_model_folder(path)  # a truncated file: one line naming it, not a traceback from transformers
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return model.to(device) if device.type != "cuda" else model
 
@@ -269,6 +272,7 @@ def load_weights(name: str | os.PathLike, *, revision: str | None = None, dtype:
 def _load_adapter(path: Path, dtype: Any, device: torch.device, trust_remote_code: bool,
                   merge: bool) -> tuple[Any, Path]:
     from peft import PeftModel
+    check_model_folder(path)  # the adapter's own files; the base model's are checked as it loads
     config = json.loads((path / "adapter_config.json").read_text())
     base_name = config.get("base_model_name_or_path")
     if not base_name:
@@ -299,6 +303,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *,
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf_file": str(gguf_file)}) + "\n")
+        match_umask(tmp)  # mkdtemp makes the folder 0700 and safetensors the weights 0600
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

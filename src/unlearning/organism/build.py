@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from unlearning.core.config import to_dict
+from unlearning.core.errors import CorruptFileError
 from unlearning.core.io import atomic_write_json, read_json
+from unlearning.organism.cache import check_cache, read_build_info
 from unlearning.organism.corpus import read_documents, write_corpora
 from unlearning.organism.questions import domain_task, task_name
 from unlearning.organism.presets import FORMAT_VERSION, OrganismConfig, get_preset
@@ -94,7 +96,7 @@ class OrganismPaths:
         return self.build_json.exists()
 
     def build_info(self) -> dict[str, Any]:
-        return read_json(self.build_json)
+        return read_build_info(self)
 
     def quality(self) -> dict[str, Any]:
         return read_json(self.quality_json)
@@ -128,11 +130,18 @@ def build_lock(paths: OrganismPaths) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _stored_config(paths: OrganismPaths) -> dict[str, Any] | None:
+def _stored_build(paths: OrganismPaths, force: bool) -> dict[str, Any] | None:
+    """The complete build's build.json, or None: none, another code version, or unreadable when
+    ``force`` rebuilds anyway (without ``force`` an unreadable one is an error naming the fix)."""
     if not paths.is_complete():
         return None
-    info = paths.build_info()
-    return info["config"] if info.get("format_version") == FORMAT_VERSION else None
+    try:
+        info = paths.build_info()
+    except CorruptFileError:
+        if force:
+            return None
+        raise
+    return info if info.get("format_version") == FORMAT_VERSION else None
 
 
 def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: bool = False,
@@ -145,11 +154,13 @@ def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: boo
     if paths.root in _BUILDING:
         raise RuntimeError(f"ensure_organism({preset!r}) was called while this process is building it")
     with build_lock(paths):
-        stored = _stored_config(paths)
+        info = _stored_build(paths, force)
+        stored = info["config"] if info is not None else None
         if seed is None and stored is not None:
             seed = stored.get("seed")
         cfg = get_preset(preset, seed=seed, overrides=overrides)
         if not force and stored == cfg.to_dict():
+            check_cache(paths, info)  # a damaged file: one line naming it and the --force rebuild
             return paths
         if stored is not None and not force:
             log.info("organism %r: the cached build is from another config or code version; rebuilding", preset)

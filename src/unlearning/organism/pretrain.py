@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTr
 
 from unlearning.core.config import param
 from unlearning.core.errors import NonFiniteLossError
+from unlearning.core.io import match_umask
 from unlearning.organism.corpus import read_documents
 from unlearning.core.runtime import autocast, resolve_device, resolve_dtype
 
@@ -144,6 +145,7 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    match_umask(tmp)  # safetensors writes the weights 0600 whatever the umask
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
+from unlearning.core.faults import fault_point
 from unlearning.core.logs import MetricsLogger
 from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, resolve_dtype, world_size
 from unlearning.training.checkpoint import (Checkpointer, Position, load_tensors, rng_state, set_rng_state,
@@ -258,6 +259,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             due = cfg.checkpoint_every > 0 and state.global_step % cfg.checkpoint_every == 0
             if checkpointer is not None and (due or method.checkpoint_due(state.global_step)):
                 checkpoint(Position(index, step + 1, state.global_step), w0, names)
+            fault_point("train_step")
             method.on_step(record)
             if on_step is not None:
                 on_step(record)
@@ -267,6 +269,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
         state.finished_phases += 1
         if checkpointer is not None:
             checkpoint(Position(index + 1, 0, state.global_step), w0, names)
+        fault_point("phase_end")
     bar.close()
     state.streams = {k: s.state_dict() for k, s in streams.items()}
     return state

@@ -1,5 +1,5 @@
-"""A cheap local `unlearn run` job for the life-cycle tests: a saved 4-layer tiny GPT-NeoX, forget and
-retain corpora, a question file, and a config factory (two steps per layer phase, three phases)."""
+"""A cheap local `unlearn run` job on a saved 4-layer tiny GPT-NeoX (no organism needed): forget and retain
+corpora, a question file, and config factories (two steps per layer phase, three phases)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from tests.tiny_models import VOCAB, save_tiny
+from tiny_models import VOCAB, save_tiny
 from unlearning.core.config import from_dict, merge, to_dict
 from unlearning.runner import RunConfig
 
@@ -55,3 +55,15 @@ class Job:
 
     def results(self, name: str) -> dict[str, Any]:
         return json.loads((self.runs / name / "results.json").read_text())
+
+
+def make_local_job(root: Path):
+    """The run tests' factory over a `Job`: ``make(name, sequential=None, train=None) -> RunConfig`` with
+    LoRA and two micro-batches per step; its runs go to ``make.root``."""
+    job = Job(root)
+
+    def make(name: str, sequential: dict | None = None, train: dict | None = None) -> RunConfig:
+        return job.config(name, train={"grad_accum": 2, **(train or {})},
+                          sequential={"finetune": "lora", **(sequential or {})})
+    make.root = job.runs
+    return make

@@ -57,6 +57,20 @@ class Job:
         return json.loads((self.runs / name / "results.json").read_text())
 
 
+def fail_in_second_phase(monkeypatch, exc: BaseException):
+    """Make the sequential method raise ``exc`` in its second layer phase; returns the undo."""
+    from unlearning.methods import sequential as seq
+    original = seq.Sequential.losses
+
+    def losses(self, model, batches, ctx):
+        if ctx.phase.index == 1:
+            raise exc
+        return original(self, model, batches, ctx)
+
+    monkeypatch.setattr(seq.Sequential, "losses", losses)
+    return lambda: monkeypatch.setattr(seq.Sequential, "losses", original)
+
+
 def make_local_job(root: Path):
     """The run tests' factory over a `Job`: ``make(name, sequential=None, train=None) -> RunConfig`` with
     LoRA and two micro-batches per step; its runs go to ``make.root``."""

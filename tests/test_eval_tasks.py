@@ -63,7 +63,10 @@ def test_empty_and_missing_files_and_unknown_names(tmp_path):
 
 
 def test_organism_tasks_read_the_cache(tmp_path, monkeypatch):
+    import unlearning.organism.tasks as organism_tasks
+    from unlearning.organism import organism_paths
     monkeypatch.setenv("UNLEARNING_HOME", str(tmp_path))
+    monkeypatch.setattr(organism_tasks, "check_built", organism_paths)  # a questions-only cache: no models
     root = tmp_path / "organism" / "fake"
     (root / "data" / "questions").mkdir(parents=True)
     for domain in ("hazard", "benign_bio", "general"):

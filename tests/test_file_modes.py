@@ -73,6 +73,20 @@ def test_saved_affine_maps_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE(path.stat().st_mode) == UMASKS[umask][0]
 
 
+def test_mask_files_and_checkpoints_follow_the_umask(tmp_path, umask, monkeypatch):
+    from unlearning.masking import masks
+    from unlearning.masking.models import LinearProbe, save_scorer
+    from unlearning.training.checkpoint import Checkpointer
+    probe = save_scorer(LinearProbe(8, layer=1), tmp_path / "probe.safetensors", {})
+    monkeypatch.setattr(masks, "cache_dir", lambda: tmp_path / "masks")
+    cfg = masks.MaskConfig(kind="activation")
+    masks._cached(cfg, "key", lambda: torch.ones(2, 3, dtype=torch.bool))
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save({"position": {"phase": 0, "step": 1, "global_step": 1}})
+    for path in (probe, *(tmp_path / "masks").iterdir(), ckpt.path):
+        assert stat.S_IMODE(path.stat().st_mode) == UMASKS[umask][0], path
+
+
 def test_match_umask_opens_a_private_folder(tmp_path, umask):
     folder = tmp_path / "m"
     save_tiny(folder, family="gpt_neox", layers=2)

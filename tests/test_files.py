@@ -36,7 +36,7 @@ def test_a_folder_reads_its_files_in_order_tagged_with_their_stem(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("missing.jsonl", None, "missing.jsonl: file not found; FIX"),
+    ("missing.jsonl", None, "missing.jsonl: file not found; check the path"),
     ("empty.jsonl", "", "empty.jsonl: the file is empty; FIX"),
     ("blank.jsonl", "\n\n", "blank.jsonl: the file has no rows; FIX"),
     ("bad.jsonl", '{"text": "a"}\n{"text": \n', "bad.jsonl: line 2 is not valid JSON .*; FIX"),

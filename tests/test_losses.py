@@ -289,6 +289,21 @@ def test_check_finite_names_step_layer_and_term():
         L.check_finite("retain", float("inf"), step=1)
 
 
+@pytest.mark.parametrize("settings, dtype, says, not_says", [
+    ({"max_grad_norm": 1.0}, torch.float32, ["optimizer.lr is 0.001", "'forget'"], ["clip", "fp16"]),
+    ({"max_grad_norm": 0.0}, torch.float32, ["clipping is off"], ["fp16"]),
+    ({"max_grad_norm": 1.0}, torch.float16, ["fp16 overflows"], ["clip"]),
+])
+def test_the_nan_advice_fits_the_runs_settings(settings, dtype, says, not_says):
+    from unlearning.core.config import from_dict
+    from unlearning.training.loop import TrainConfig, nonfinite_advice
+    cfg = from_dict(TrainConfig, {"optimizer": {"lr": 1e-3}, **settings})
+    with pytest.raises(NonFiniteLossError) as err:
+        L.check_finite("forget", float("nan"), step=1, advice=nonfinite_advice(cfg, dtype))
+    message = str(err.value)
+    assert all(s in message for s in says) and not any(s in message for s in not_says), message
+
+
 # ----------------------------------------------------------------------------- shared properties
 
 def _token_losses():

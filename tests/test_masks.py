@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tiny_models import VOCAB, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 from unlearning.masking import masks
 from unlearning.core.config import from_dict
 from unlearning.core.errors import ConfigError, UserError

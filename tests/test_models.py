@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import types
 
 import peft
 import pytest
@@ -101,9 +100,8 @@ def test_organism_names_go_through_the_registry(tmp_path, monkeypatch):
         calls.append((name, revision))
         return tmp_path / "org"
 
-    fake = types.ModuleType("unlearning.organism.registry")
-    fake.resolve_organism = resolve_organism
-    monkeypatch.setitem(sys.modules, "unlearning.organism.registry", fake)
+    from unlearning.model import loading
+    monkeypatch.setattr(loading, "resolve_organism", resolve_organism)
     model, _ = load_model("organism:tiny@step200", device="cpu")
     assert calls == [("organism:tiny", "step200")] and get_parts(model).family == "gpt_neox"
     resolve_model_path("organism:small-filtered", revision="early")

@@ -13,12 +13,12 @@ import pytest
 from unlearning.core.errors import ConfigError, ModelNotFoundError
 from unlearning.evaluation.prompts import cloze_prompt
 from unlearning.organism.build import OrganismPaths, build_lock, choose_early
-from unlearning.organism.corpus import CorpusConfig, read_documents, write_corpora
+from unlearning.organism.corpus import read_documents, write_corpora
 from unlearning.organism.presets import PRESETS, get_preset
 from unlearning.organism.pretrain import TrainConfig, lr_at, packed_batches, plan_checkpoints
 from unlearning.organism.registry import organism_preset, parse_organism_name
 from unlearning.organism.tokenizer import build_tokenizer
-from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HAZARD, WorldConfig, generate_world
+from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HAZARD, generate_world
 
 TINY = PRESETS["tiny"]
 

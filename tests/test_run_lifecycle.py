@@ -7,13 +7,12 @@ import json
 
 import pytest
 
-from run_setup import Job
+from run_setup import Job, fail_in_second_phase
 from unlearning import runner
 from unlearning.cli import main
 from unlearning.core.config import ConfigError
 from unlearning.core.errors import UserError
 from unlearning.core.rundir import config_changes
-from unlearning.methods import sequential as seq
 from unlearning.preflight import FREE_ON_RESUME
 from unlearning.runner import run
 
@@ -23,18 +22,6 @@ def job(tmp_path):
     return Job(tmp_path)
 
 
-def _fail_in_second_phase(monkeypatch, exc):
-    original = seq.Sequential.losses
-
-    def losses(self, model, batches, ctx):
-        if ctx.phase.index == 1:
-            raise exc
-        return original(self, model, batches, ctx)
-
-    monkeypatch.setattr(seq.Sequential, "losses", losses)
-    return lambda: monkeypatch.setattr(seq.Sequential, "losses", original)
-
-
 def _no_loading(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -42,7 +29,7 @@ def _no_loading(monkeypatch):
 
 
 def test_a_failed_run_records_its_error_and_traceback_then_reruns_cleanly(job, monkeypatch):
-    restore = _fail_in_second_phase(monkeypatch, RuntimeError("boom in phase 2"))
+    restore = fail_in_second_phase(monkeypatch, RuntimeError("boom in phase 2"))
     with pytest.raises(RuntimeError, match="boom"):
         run(job.config("x"))
     failed = job.results("x")
@@ -74,7 +61,7 @@ def test_a_complete_run_is_refused_unless_resume_returns_it_or_overwrite_starts_
 
 
 def test_an_unfinished_run_is_refused_and_a_changed_config_on_resume_is_shown(job, monkeypatch):
-    restore = _fail_in_second_phase(monkeypatch, KeyboardInterrupt())
+    restore = fail_in_second_phase(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(job.config("x"))
     restore()
@@ -94,7 +81,7 @@ def test_an_unfinished_run_is_refused_and_a_changed_config_on_resume_is_shown(jo
 
 
 def test_resume_continues_a_failed_run_from_its_checkpoint(job, monkeypatch):
-    restore = _fail_in_second_phase(monkeypatch, RuntimeError("transient"))
+    restore = fail_in_second_phase(monkeypatch, RuntimeError("transient"))
     with pytest.raises(RuntimeError):
         run(job.config("x"))
     restore()

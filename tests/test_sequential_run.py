@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_setup import make_local_job
+from run_setup import fail_in_second_phase, make_local_job
 from unlearning.methods import sequential as seq
 from unlearning.runner import run
 from unlearning.training.checkpoint import Checkpointer
@@ -59,7 +59,11 @@ def test_non_finite_loss_stops_with_step_layer_and_term_and_keeps_the_checkpoint
     cfg_path.write_text(yaml.safe_dump(to_dict(local_job("nan"))))
     assert main(["run", str(cfg_path)]) == 2
     err = capsys.readouterr().err
-    assert "'forget'" in err and "layer 2" in err and "at step 2 " in err and "step 0 of the phase" in err, err
+    [line] = [line for line in err.splitlines() if "loss term" in line]
+    assert line.startswith("unlearn run: error: loss term 'forget'"), err  # on its own line, not the bar's
+    assert "layer 2" in line and "at step 2 " in line and "step 0 of the phase" in line, line
+    # the advice fits the settings: clipping is on (max_grad_norm 1.0), the lr is the job's
+    assert "optimizer.lr is 0.01" in line and "clip" not in line, line
     rundir = local_job.root / "nan"
     position = Checkpointer(rundir / "checkpoint").position()  # the end of phase 0
     assert (position.phase, position.step, position.global_step) == (1, 0, 2)
@@ -70,17 +74,10 @@ def test_non_finite_loss_stops_with_step_layer_and_term_and_keeps_the_checkpoint
 def test_resume_after_a_kill_between_phases_gives_the_same_weights(local_job, monkeypatch, finetune):
     opts = {"finetune": finetune, "forget_loss": "random_ce"}
     uninterrupted = run(local_job(f"full-{finetune}", opts))
-    original = seq.Sequential.losses
-
-    def killed_in_second_phase(self, model, batches, ctx):
-        if ctx.phase.index == 1:
-            raise KeyboardInterrupt
-        return original(self, model, batches, ctx)
-
-    monkeypatch.setattr(seq.Sequential, "losses", killed_in_second_phase)
+    restore = fail_in_second_phase(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(local_job(f"killed-{finetune}", opts))
-    monkeypatch.setattr(seq.Sequential, "losses", original)
+    restore()
     resumed = run(local_job(f"killed-{finetune}", opts), resume=True)
     a = _weights(local_job.root / f"full-{finetune}" / "model")
     b = _weights(local_job.root / f"killed-{finetune}" / "model")

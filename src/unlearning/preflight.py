@@ -32,12 +32,14 @@ from huggingface_hub import try_to_load_from_cache
 from unlearning.core.config import to_dict
 from unlearning.core.errors import ConfigError, DataError, UserError
 from unlearning.core.hub import hub_offline
-from unlearning.core.rundir import RunDir, StartMode, safe_name, start_mode
+from unlearning.core.rundir import RunDir, StartMode, check_writable, safe_name, start_mode
 from unlearning.data.corpora import is_corpus
-from unlearning.data.text import ORGANISM_CORPORA, TextSource, load_texts
+from unlearning.data.text import TextSource, load_texts, organism_corpus
 from unlearning.methods import method_module
 from unlearning.model.layers import parse_layer_spec
+from unlearning.model.integrity import check_model_folder
 from unlearning.model.loading import resolve_model_path, split_revision
+from unlearning.organism import check_built
 from unlearning.organism.presets import PRESETS
 from unlearning import tasks as task_registry
 from unlearning.organism.registry import is_organism_name, organism_preset, parse_organism_name
@@ -132,8 +134,11 @@ def model_depth(name: str, revision: str | None, key: str = "model") -> int | No
             parsed = parse_organism_name(name, revision)
         except UserError as e:
             raise type(e)(_rekey(str(e), "model", key)) from None
+        check_built(parsed.preset)  # a damaged cache now, not after the run has begun
         return PRESETS[parsed.preset].model.num_layers
     folder = local_model_folder(name, revision, key)
+    if folder is not None and folder.is_dir():
+        check_model_folder(folder)  # a truncated weights file now, not after the run has begun
     return folder_depth(folder) if folder is not None else None
 
 
@@ -158,6 +163,22 @@ def check_layers(cfg: RunConfig, method_config: Any, depth: int) -> None:
 # Data and tasks
 
 
+def read_source(src: TextSource, key: str, organism: str | None, model: str) -> list[dict[str, Any]] | None:
+    """A local data file's records (read once, kept for the run); None for organism, hub and named
+    corpora, whose names are checked here and whose text loads later. ``key`` names the setting
+    (``data.forget`` or ``attack.data``)."""
+    source = src.source
+    if source.startswith("organism:"):
+        organism_corpus(source, organism, f"{key}.source", model)
+        return None
+    if source.startswith("hub:") or is_corpus(source):
+        return None  # fetched when the data load, after the hub's own fast reachability probe
+    try:
+        return load_texts(src, organism)
+    except DataError as e:  # the reader says "data.<corpus>.column": name the setting
+        raise DataError(f"{key}.source: {str(e).replace('data.<corpus>.', f'{key}.')}") from None
+
+
 def read_local_corpora(cfg: RunConfig, organism: str | None) -> dict[str, list[dict[str, Any]]]:
     """Read the local data files (kept for the run); check the names of the other sources."""
     texts = {}
@@ -165,42 +186,39 @@ def read_local_corpora(cfg: RunConfig, organism: str | None) -> dict[str, list[d
         src: TextSource | None = getattr(cfg.data, name)
         if src is None or (name == "extra_retain" and cfg.data.extra_retain_ratio <= 0):
             continue
-        key, source = f"data.{name}.source", src.source
-        if source.startswith("organism:"):
-            corpus = source.split(":", 1)[1]
-            if corpus not in ORGANISM_CORPORA:
-                raise DataError(f"{key}: {source!r} is not an organism corpus; choose one of "
-                                + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
-            if organism is None:
-                raise DataError(f"{key}: {source!r} needs an organism model (model: organism:tiny or "
-                                f"organism:small); with model {cfg.model!r} point it at a local file")
-        elif source.startswith("hub:") or is_corpus(source):
-            continue  # fetched when the data load, after the hub's own fast reachability probe
-        else:
-            try:
-                texts[name] = load_texts(src, organism)
-            except DataError as e:  # the reader says "data.<corpus>.column": name the corpus
-                raise DataError(f"{key}: {str(e).replace('data.<corpus>.', f'data.{name}.')}") from None
+        records = read_source(src, f"data.{name}", organism, cfg.model)
+        if records is not None:
+            texts[name] = records
     return texts
 
 
-def check_tasks(names: Any) -> None:
+def check_tasks(names: Any, key: str = "eval.tasks") -> None:
     """Each task resolves, without loading a model, an organism or a hub dataset: registered names
     are looked up (``NAME=PATH``: the file must exist), other names are read as local files."""
     names = task_registry.split_task_names(names)
     if not names:
-        raise ConfigError("eval.tasks: no task named; give at least one, e.g. --eval.tasks "
+        raise ConfigError(f"{key}: no task named; give at least one, e.g. --{key} "
                           "organism_hazard_cloze,organism_general_cloze (the run evaluates before and after)")
     for name in names:
         registered, _, data_path = name.partition("=")
         if registered in task_registry.TASKS:
             if data_path and not Path(data_path).expanduser().exists():
-                raise DataError(f"eval.tasks: {name!r}: {data_path} does not exist")
+                raise DataError(f"{key}: {name!r}: {data_path} does not exist")
             continue
         try:
             task_registry.get_tasks([name])  # a local question file (read and checked) or an error
         except UserError as e:
-            raise type(e)(_rekey(str(e), "tasks", "eval.tasks")) from None
+            raise type(e)(_rekey(str(e), "tasks", key)) from None
+
+
+def preflight_attack(cfg: Any, key: str = "attack") -> None:
+    """An attack's checks before any folder is written or weights load (``cfg``: an AttackConfig):
+    its model resolves and is whole, its local data file reads, its tasks resolve."""
+    model_name = resolved_model_name(cfg.model)
+    organism = cfg.organism or organism_preset(model_name)
+    model_depth(model_name, cfg.revision, key=f"{key}.model")
+    read_source(cfg.data, f"{key}.data", organism, cfg.model)
+    check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +237,7 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     plan = Plan(model_name, organism, None, method_config, rundir.path, mode, record, changes)
     if mode == "complete":  # nothing will run
         return plan
+    check_writable(rundir.path, "output_dir")
     plan.depth = model_depth(model_name, cfg.revision)
     if plan.depth is not None:
         check_layers(cfg, method_config, plan.depth)

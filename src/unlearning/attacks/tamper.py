@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from torch import nn
 
 from unlearning import evaluation  # looked up at call time, so a test can stand in for evaluate

@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from unlearning.core.cli import parse_command
 from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, one_line
 from unlearning.core.io import atomic_write_text, dumps_json
 from unlearning.core.logs import FILE_ONLY
-from unlearning.core.rundir import FAILED, RunDir, safe_name, utc_now
+from unlearning.core.rundir import FAILED, RunDir, check_writable, safe_name, utc_now
 from unlearning.organism.registry import organism_preset
 from unlearning.reporting.tables import eval_table as format_table  # the one table formatter
 from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
@@ -73,9 +72,11 @@ def main(argv: list[str]) -> int:
     cfg.organism = cfg.organism or organism_preset(cfg.model) or "tiny"
     # A bad task or model fails here, before the run directory exists: no empty runs/eval-* is left.
     tasks = get_tasks(cfg.tasks, organism=cfg.organism)
+    run = (RunDir(cfg.output_dir, create=False) if cfg.output_dir
+           else RunDir.for_command(None, None, prefix=f"eval-{safe_name(cfg.model)}", create=False))
+    check_writable(run.path, "output_dir")
     model, tokenizer = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
-    run = (RunDir(cfg.output_dir) if cfg.output_dir
-           else RunDir.for_command(None, None, prefix=f"eval-{safe_name(cfg.model)}"))
+    run = RunDir(run.path)
     run.start_logging()
     run.write_config(to_dict(cfg))
     log.info("run directory %s", run.path)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from unlearning.commands.report import DEFAULT_COLUMNS
 from unlearning.core.cli import parse_command
-from unlearning.core.config import merge, param
+from unlearning.core.config import param
 from unlearning.core.logs import setup_logging
 from unlearning.reporting.report import report_table
 from unlearning.runner import RunConfig

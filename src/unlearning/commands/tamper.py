@@ -36,9 +36,10 @@ from unlearning.core.errors import ConfigError, UserError
 from unlearning.organism.registry import organism_preset
 from unlearning.core.io import atomic_write_text, read_json
 from unlearning.core.logs import setup_logging
-from unlearning.core.rundir import RunDir, safe_name
+from unlearning.core.rundir import RunDir, check_writable, safe_name
 from unlearning.core.runtime import configure_cpu_threads, resolve_device
 from unlearning.model.loading import load_model
+from unlearning.preflight import preflight_attack
 from unlearning.reporting.plots import describe_attacks, plot_curves
 from unlearning.reporting.tables import format_table, short_task
 
@@ -276,9 +277,17 @@ def main(argv: list[str]) -> int:
     if options.resume and not options.name:
         raise UserError("resume: name the run to continue with --name")
     attacks = attack_configs(options)
-    rundir = RunDir.for_command(options.output_dir, options.name, "tamper")
+    checked = set()
+    for _, cfg in attacks:  # before anything is written: each model, data file and task list once
+        what = (cfg.model, cfg.revision, cfg.data.source, tuple(cfg.eval.tasks))
+        if what not in checked:
+            checked.add(what)
+            preflight_attack(cfg)
+    rundir = RunDir.for_command(options.output_dir, options.name, "tamper", create=False)
     if rundir.results_path.exists() and not options.resume:
         raise ConfigError(f"name: {rundir.path} already holds results; pass --resume or choose another --name")
+    check_writable(rundir.path, "output_dir")
+    rundir = RunDir(rundir.path)
     rundir.start_logging(options.log_level)
     rundir.write_config({k: v for k, v in to_dict(options).items() if k not in ("plot_only", "output")})
 

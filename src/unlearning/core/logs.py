@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from unlearning.core.io import append_jsonl, atomic_write_text, dumps_json, read_jsonl
 
 log = logging.getLogger("unlearning")
@@ -19,6 +21,29 @@ FILE_ONLY = "file_only"  # ``log.error(..., extra={FILE_ONLY: True})``: for log.
 
 def _not_file_only(record: logging.LogRecord) -> bool:
     return not getattr(record, FILE_ONLY, False)
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Log lines to the current ``sys.stderr`` through ``tqdm.write``: a line printed while a progress
+    bar runs goes above the bar instead of onto it, and a stderr replaced since the handler was made
+    (a test's capture, a notebook) is the one written to, never a closed one."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler.__init__ assigns it
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own policy: a failing handler reports, never raises
+            self.handleError(record)
 
 
 def setup_logging(level: str | int = "INFO", logfile: str | Path | None = None) -> logging.Handler | None:
@@ -33,7 +58,7 @@ def setup_logging(level: str | int = "INFO", logfile: str | Path | None = None) 
     root.setLevel(level if isinstance(level, int) else level.upper())
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_unlearning", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = ConsoleHandler()
         h.setFormatter(fmt)
         h.addFilter(_not_file_only)  # tracebacks meant for log.txt; the CLI prints one line
         h._unlearning = True  # type: ignore[attr-defined]

@@ -56,9 +56,10 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def for_command(cls, root: str | Path | None, name: str | None, prefix: str) -> "RunDir":
+    def for_command(cls, root: str | Path | None, name: str | None, prefix: str, *,
+                    create: bool = True) -> "RunDir":
         root = Path(root or os.environ.get("UNLEARNING_RUNS", "runs"))
-        return cls(root / (name or default_run_name(prefix)))
+        return cls(root / (name or default_run_name(prefix)), create=create)
 
     # paths
     @property
@@ -164,6 +165,20 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """``folder`` exists as a writable folder or can be made: its nearest existing ancestor is a
+    writable folder. Checked before any work, so an output path that cannot be written fails first."""
+    folder = Path(folder).expanduser().absolute()
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}: {folder} cannot be created: {ancestor} is a file; set {key} to a folder path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {folder} cannot be written: {ancestor} is not writable by this user; "
+                          f"set {key} to a writable folder")
 
 
 def utc_now() -> str:

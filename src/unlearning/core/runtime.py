@@ -7,9 +7,11 @@ environment, and only rank 0 writes files.
 from __future__ import annotations
 
 import os
+import random
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -77,9 +79,6 @@ def configure_cpu_threads() -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

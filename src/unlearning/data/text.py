@@ -91,16 +91,24 @@ def _render_messages(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
+def organism_corpus(source: str, organism: str | None, key: str = "data source", model: str | None = None) -> str:
+    """The corpus of an ``organism:<corpus>`` source, checked: a known corpus, and an organism model
+    to read it from (``key`` names the setting in the error)."""
+    corpus = source.split(":", 1)[1]
+    if corpus not in ORGANISM_CORPORA:
+        raise DataError(f"{key}: {source!r} is not an organism corpus; choose one of "
+                        + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
+    if organism is None:
+        raise DataError(f"{key}: {source!r} needs an organism model (model: organism:tiny or organism:small)"
+                        + (f"; with model {model!r} point it at a local file" if model else ""))
+    return corpus
+
+
 def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, Any]]:
     """Load a corpus as a list of {"text", optional "hazard_spans"} records."""
     s = src.source
     if s.startswith("organism:"):
-        corpus = s.split(":", 1)[1]
-        if corpus not in ORGANISM_CORPORA:
-            raise DataError(f"data source {s!r}: unknown organism corpus; choose one of "
-                            + ", ".join(f"organism:{c}" for c in ORGANISM_CORPORA))
-        if organism is None:
-            raise DataError(f"data source {s!r} needs an organism model (model: organism:tiny or organism:small)")
+        corpus = organism_corpus(s, organism)
         paths = ensure_organism(organism)
         rows = _read_local(Path(paths.data) / f"{corpus}.jsonl", "text")
     elif s.startswith("hub:"):

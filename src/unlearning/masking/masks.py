@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError, UserError
+from unlearning.core.io import match_umask
 from unlearning.data.text import TokenizedData
 from unlearning.masking.activations import cache_dir, default_layer, iter_activations
 from unlearning.masking.models import load_scorer, resolve_artifact
@@ -255,7 +256,7 @@ def _cached(cfg: MaskConfig, key: str, compute: Any) -> Tensor:
         tmp = path.with_name(path.name + ".tmp")
         save_file({"mask": mask.to(torch.uint8).contiguous()}, str(tmp),
                   metadata={"settings": json.dumps(asdict(cfg), default=str)})
-        tmp.replace(path)
+        match_umask(tmp).replace(path)  # safetensors writes 0600 whatever the umask
     return mask
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from unlearning.core.config import param
 from unlearning.core.errors import UserError
+from unlearning.core.io import match_umask
 from unlearning.core.rundir import safe_name
 from unlearning.data.text import TokenizedData
 from unlearning.masking.activations import cache_dir, default_layer, iter_activations
@@ -183,7 +184,7 @@ def save_scorer(scorer: nn.Module, path: str | Path, meta: dict[str, Any]) -> Pa
     info = {"kind": kind, "layer": scorer.layer, **meta}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"unlearning_mask": json.dumps(info, default=str)})
-    tmp.replace(path)
+    match_umask(tmp).replace(path)  # safetensors writes 0600 whatever the umask
     return path
 
 

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unlearning.core.errors import UserError
 from unlearning.core.io import match_umask
+from unlearning.model.layers import forward_until
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,6 @@ def fit_affine_maps(model: nn.Module, teacher: nn.Module, batches: Iterable[dict
     (``mse_affine``), the model states' variance (``var_model``, the MSE of predicting the mean),
     and ``r2`` = 1 - mse_affine / var_model.
     """
-    from unlearning.model.layers import forward_until
     layers = sorted(layers)
     batches = list(batches)
     fit = [b for i, b in enumerate(batches) if holdout_every <= 1 or (i + 1) % holdout_every]
@@ -147,7 +149,6 @@ def fit_affine_maps(model: nn.Module, teacher: nn.Module, batches: Iterable[dict
 
 def save_affine(path: str | Path, maps: dict[int, AffineMap], metadata: dict[str, Any] | None = None) -> Path:
     """Write the maps (and ``metadata``, as JSON under the key ``unlearning``) to a safetensors file."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -162,7 +163,6 @@ def save_affine(path: str | Path, maps: dict[int, AffineMap], metadata: dict[str
 
 
 def read_affine_metadata(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("unlearning", "{}"))
 
@@ -170,7 +170,6 @@ def read_affine_metadata(path: str | Path) -> dict[str, Any]:
 def load_affine(path: str | Path, layers: Sequence[int] | None = None,
                 device: torch.device | str = "cpu") -> dict[int, AffineMap]:
     """The maps in ``path``; with ``layers``, every one of them must be there."""
-    from safetensors.torch import load_file
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint_transfer.affine: {path} not found; fit it with `unlearn fit-affine "

@@ -28,6 +28,7 @@ from torch import nn
 from unlearning.core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
+_CLIPPED_NOTED: set[tuple[str, tuple, int]] = set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +217,9 @@ def parse_layer_spec(spec: str | int | Sequence[int], depth: int, *, field: str 
         kept = [i for i in indices if isinstance(i, int) and 0 <= i < depth]
         if len(kept) < len(indices):
             kept = kept or [depth - 1]
-            log.info("%s: %s clipped to %s for a model with %d layers", field, indices, kept, depth)
+            if (field, tuple(indices), depth) not in _CLIPPED_NOTED:  # once per process, not per check
+                _CLIPPED_NOTED.add((field, tuple(indices), depth))
+                log.info("%s: %s clipped to %s for a model with %d layers", field, indices, kept, depth)
         indices = kept
     return check_layers(depth, indices, field)
 

@@ -36,6 +36,7 @@ from unlearning.core.io import match_umask
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device, resolve_dtype
 from unlearning.model.integrity import check_model_folder
+from unlearning.organism.registry import resolve_organism
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,6 @@ def resolve_model_path(name: str | os.PathLike, revision: str | None = None, *,
     text = os.fspath(name)
     text, revision = split_revision(text, revision)
     if text.startswith("organism:"):
-        from unlearning.organism.registry import resolve_organism  # lazy: the organism is optional
         return _resolve_local(Path(resolve_organism(text, revision)), None)
     path = Path(text).expanduser()
     if path.exists():

@@ -6,9 +6,9 @@
 tasks register from ``unlearning.organism.tasks`` (imported by ``unlearning.tasks``).
 """
 
-from unlearning.organism.build import OrganismPaths, ensure_organism, organism_paths
+from unlearning.organism.build import OrganismPaths, check_built, ensure_organism, organism_paths
 from unlearning.organism.presets import PRESETS, OrganismConfig, get_preset
 from unlearning.organism.registry import is_organism_name, organism_preset, parse_organism_name, resolve_organism
 
-__all__ = ["OrganismPaths", "OrganismConfig", "PRESETS", "ensure_organism", "get_preset", "organism_paths",
+__all__ = ["OrganismPaths", "OrganismConfig", "PRESETS", "check_built", "ensure_organism", "get_preset", "organism_paths",
            "is_organism_name", "organism_preset", "parse_organism_name", "resolve_organism"]

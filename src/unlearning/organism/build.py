@@ -24,18 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from unlearning.core.config import to_dict
 from unlearning.core.errors import CorruptFileError
 from unlearning.core.io import atomic_write_json, read_json
-from unlearning.organism.cache import check_cache, read_build_info
-from unlearning.organism.corpus import read_documents, write_corpora
-from unlearning.organism.questions import domain_task, task_name
-from unlearning.organism.presets import FORMAT_VERSION, OrganismConfig, get_preset
-from unlearning.organism.pretrain import PretrainJob, count_tokens, plan_checkpoints
-from unlearning.organism.tokenizer import build_tokenizer
-from unlearning.organism.world import DOMAINS, generate_world
+from unlearning.core.logs import setup_logging
 from unlearning.core.paths import unlearning_home
 from unlearning.core.runtime import resolve_device
+from unlearning.evaluation import evaluate
+from unlearning.organism.cache import check_cache, read_build_info
+from unlearning.organism.corpus import read_documents, write_corpora
+from unlearning.organism.presets import FORMAT_VERSION, OrganismConfig, get_preset
+from unlearning.organism.pretrain import PretrainJob, count_tokens, plan_checkpoints, pretrain
+from unlearning.organism.questions import domain_task, task_name
+from unlearning.organism.tokenizer import build_tokenizer
+from unlearning.organism.world import DOMAINS, generate_world
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +150,15 @@ def _stored_build(paths: OrganismPaths, force: bool) -> dict[str, Any] | None:
     return info if info.get("format_version") == FORMAT_VERSION else None
 
 
+def check_built(preset: str) -> OrganismPaths:
+    """The preset's paths; a complete build's files are checked whole first (a damaged one is one
+    line naming it and the rebuild command). Builds nothing: a missing build is built where used."""
+    paths = organism_paths(preset)
+    if paths.is_complete():
+        check_cache(paths, paths.build_info())
+    return paths
+
+
 def ensure_organism(preset: str = "tiny", *, seed: int | None = None, force: bool = False,
                     overrides: dict[str, Any] | None = None) -> OrganismPaths:
     """The preset's build, built now if missing, stale (other config/seed/code version) or forced.
@@ -190,12 +205,6 @@ def _tasks(data: Path, half: str) -> list:
 def measure_quality(model_dir: str | Path, data: str | Path, *, device: str, batch_size: int,
                     qa_half: bool = False) -> dict[str, Any]:
     """Held-out accuracy per domain and format (and the qa half's question format, if asked)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from unlearning.evaluation import evaluate
-    from unlearning.core.runtime import resolve_device
-
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -226,8 +235,6 @@ def _twin_worker(job: PretrainJob, data: str, eval_device: str, batch_size: int,
                  log_level: int, other_models: dict[str, str]) -> None:
     """One twin's process: train one twin, evaluate it, then evaluate ``other_models`` (label -> folder,
     waited for: the filtered twin finishes first and scores the unfiltered model's checkpoints)."""
-    from unlearning.organism.pretrain import pretrain
-
     t0 = time.time()
     result = pretrain(job)
     t1 = time.time()
@@ -287,8 +294,6 @@ WORKER_COMMAND = "import sys; from unlearning.organism.build import worker_main;
 
 def worker_main(argv: list[str]) -> int:
     """Entry of one twin's process: ``argv[0]`` is the pickled spec written by ``run_twins``."""
-    from unlearning.core.logs import setup_logging
-
     spec = pickle.loads(Path(argv[0]).read_bytes())
     setup_logging(spec["log_level"], Path(spec["result_path"]).with_suffix(".log"))
     try:
@@ -369,8 +374,6 @@ def build_organism(cfg: OrganismConfig, paths: OrganismPaths) -> dict[str, Any]:
         log.warning("organism %r misses quality bars: %s", cfg.preset,
                     ", ".join(k for k, ok in quality["bars"].items() if not ok))
 
-    import torch
-    import transformers
     info = {"format_version": FORMAT_VERSION, "preset": cfg.preset, "seed": cfg.seed, "config": to_dict(cfg),
             "checkpoint_steps": list(steps), "early_checkpoint": quality["early_checkpoint"],
             "corpus_counts": counts, "tokenizer_vocab": len(tokenizer),

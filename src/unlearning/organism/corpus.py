@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from unlearning.core.config import param
-from unlearning.evaluation.prompts import LETTERS, cloze_prompt, letter_prompt
+from unlearning.evaluation.prompts import cloze_prompt, letter_prompt
 from unlearning.core.io import atomic_write_text
 from unlearning.organism.questions import SUBJECTS
 from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HALVES, Attribute, Entity, World, rng_for

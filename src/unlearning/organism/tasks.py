@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unlearning.evaluation.prompts import FORMATS
 from unlearning.evaluation.tasks import Task, TaskOptions, register_task
-from unlearning.organism.build import ensure_organism, organism_paths
+from unlearning.organism.build import check_built, ensure_organism
 from unlearning.organism.questions import domain_task, task_name
 from unlearning.organism.world import DOMAINS
 
@@ -25,7 +25,7 @@ def organism_task(domain: str, format: str, options: TaskOptions) -> Task:
     if options.data_path is not None:
         return domain_task(Path(options.data_path).expanduser(), domain, format)
     preset = options.context.get("organism") or DEFAULT_PRESET
-    paths = organism_paths(preset)
+    paths = check_built(preset)
     if not paths.is_complete():  # build.json is written last: build (or finish) the cache first
         paths = ensure_organism(preset)
     return domain_task(paths.questions(domain), domain, format)

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from unlearning.core.config import param
-from unlearning.organism.corpus import CHAT_TEMPLATE, LETTERS, CorpusConfig, pretraining_documents
+from unlearning.evaluation.prompts import LETTERS
+from unlearning.organism.corpus import CHAT_TEMPLATE, CorpusConfig, pretraining_documents
 from unlearning.organism.world import World, WorldConfig, generate_world
 
 EOS = "<|endoftext|>"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -28,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from unlearning.core.errors import UserError
 from unlearning.core.io import atomic_write_text
+from unlearning.model.layers import get_parts, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def matrix_rank_row(name: str, delta: torch.Tensor, s: torch.Tensor | None = Non
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{module name: weight}`` of every linear module (``nn.Linear`` and GPT-2's ``Conv1D``)."""
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # seconds to import: only weight ranks need it
     return {name: mod.weight for name, mod in model.named_modules()
             if isinstance(mod, (nn.Linear, Conv1D)) and getattr(mod, "weight", None) is not None}
 
@@ -122,7 +125,6 @@ def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def weight_update_ranks(base: nn.Module, model: nn.Module, *, device: Any = None,
                         progress: bool = True) -> list[ModuleRank]:
     """Ranks of ``model - base`` for every linear module of ``model`` (same architecture)."""
-    from unlearning.model.layers import unwrap_model
     base_w = linear_weights(unwrap_model(base))
     new_w = linear_weights(unwrap_model(model))
     missing = sorted(set(new_w) - set(base_w))
@@ -145,9 +147,7 @@ def stored_update_ranks(model: nn.Module, originals: Any, *, device: Any = None,
                         progress: bool = True) -> list[ModuleRank]:
     """Ranks of the full-fine-tuning update of every part in an :class:`~unlearning.model.originals.OriginalWeights`
     store (current weights minus the stored originals), with no second model loaded."""
-    from transformers.pytorch_utils import Conv1D
-
-    from unlearning.model.layers import get_parts
+    from transformers.pytorch_utils import Conv1D  # seconds to import: only weight ranks need it
     parts = get_parts(model)
     names = {id(m): n for n, m in parts.model.named_modules()}
     dev = torch.device(device) if device is not None else default_device()
@@ -215,7 +215,6 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
         raise UserError(f"ranks: {folder} is a DoRA adapter, whose update is not B @ A; merge it and compare "
                         f"full weights (--model the merged folder)")
     if (folder / "adapter_model.safetensors").exists():
-        from safetensors.torch import load_file
         state = load_file(str(folder / "adapter_model.safetensors"))
     elif (folder / "adapter_model.bin").exists():
         state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
@@ -269,7 +268,6 @@ def summarize(rows: Iterable[ModuleRank]) -> dict[str, Any]:
 
 def write_csv(rows: Iterable[ModuleRank], path: str | Path) -> Path:
     """``module, shape, erank, srank, fro_norm``; unchanged modules have empty ranks."""
-    import io
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["module", "shape", "erank", "srank", "fro_norm"])

@@ -141,6 +141,17 @@ def _accumulate(model: nn.Module, method: Method, streams: dict[str, Any], cfg: 
     return sums
 
 
+def nonfinite_advice(cfg: TrainConfig, dtype: torch.dtype) -> str:
+    """What to change after a NaN/inf loss, from the settings this run actually has
+    (``{name}``: the loss term)."""
+    advice = [f"lower the learning rate (optimizer.lr is {cfg.optimizer.lr:g}) or the coefficient of {{name}}"]
+    if cfg.max_grad_norm <= 0:
+        advice.append("clip gradients (max_grad_norm is 0: clipping is off; try 1.0)")
+    if dtype == torch.float16:
+        advice.append("compute in bf16 or fp32 (fp16 overflows above 65504)")
+    return "; or ".join(advice)
+
+
 def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainConfig, *,
           device: torch.device, metrics: MetricsLogger | None = None,
           checkpointer: Checkpointer | None = None, resume: bool = False,
@@ -172,6 +183,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                  pos.phase, pos.step)
 
     dtype = resolve_dtype(cfg.dtype, device)
+    advice = nonfinite_advice(cfg, dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     bar = tqdm(total=total_steps, initial=pos.global_step, desc=method.name, disable=not is_main_process(),
                dynamic_ncols=True)
@@ -187,89 +199,91 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             "method": method.state_dict(),
             "anchor": {n: t.detach().cpu() for n, t in zip(names, w0)} if w0 is not None else None})
 
-    for index, phase in enumerate(phases[pos.phase:], start=pos.phase):
-        named = method.begin_phase(model, phase)
-        params, names = [p for _, p in named], [n for n, _ in named]
-        if not params:
-            raise ConfigError(f"phase {phase.name or phase.index}: no trainable parameters")
-        trained |= set(names)
-        here = saved is not None and index == pos.phase  # the phase the checkpoint stands in
-        first = pos.step if here else 0
-        if here:
-            load_tensors(model, saved["trainable"])
-        if optimizer is None or cfg.schedule_scope == "phase":
-            # Under one schedule for the run the optimizer holds the parameters of the phase it was
-            # built in; a resumed run rebuilds it over the same ones.
-            by_name = dict(model.named_parameters())
-            opt_named = ([(n, by_name[n]) for n in saved["optimizer_params"]]
-                         if here and cfg.schedule_scope == "run" else named)
-            flags = [p.requires_grad for _, p in opt_named]
-            for _, p in opt_named:  # they were trainable when it was first built
-                p.requires_grad_(True)
-            optimizer = build_optimizer(opt_named, cfg.optimizer)
-            for (_, p), flag in zip(opt_named, flags):
-                p.requires_grad_(flag)
-            optimizer_names = [n for n, _ in opt_named]
-            scheduler = build_scheduler(optimizer, phase.steps if cfg.schedule_scope == "phase" else total_steps,
-                                        cfg.optimizer)
-        if here:
-            if first > 0 or cfg.schedule_scope == "run":
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved["scaler"] is not None:
-                scaler.load_state_dict(saved["scaler"])
-        w0 = None
-        if cfg.l2sp_coef > 0:  # the anchor is the phase's starting point, kept across a mid-phase resume
-            w0 = ([saved["anchor"][n].to(p.device, p.dtype) for n, p in named] if here and first > 0
-                  else [p.detach().clone() for p in params])
-        if here and first > 0:
-            _restore_random(saved, method)  # after begin_phase, which may reseed
-        for step in range(first, phase.steps):
-            ctx = StepContext(phase, step, state.global_step, total_steps)
-            sums = _accumulate(model, method, streams, cfg, ctx, params, w0, device, dtype, scaler)
-            if world_size() > 1:
-                all_reduce_mean_([p.grad for p in params if p.grad is not None])
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                       else math.inf)
-            # One device sync per step: the loss terms stay on the GPU until here, so the CPU keeps
-            # queueing kernels instead of waiting on every logged number (small models are launch-bound).
-            sums = _to_floats({**sums, "grad_norm": grad_norm})
-            grad_norm = sums.pop("grad_norm")
-            for k, v in sums.items():
-                if k.endswith("_term"):  # a NaN term stops the run before the optimizer moves anything
-                    check_finite(k.removesuffix("_term"), v, step=state.global_step, layer=phase.layer,
-                                 phase_step=step)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for p in params:  # also those outside the optimizer (schedule_scope run, later phases)
-                p.grad = None
-            state.global_step += 1
-            record = {"step": state.global_step, "phase": phase.index, "layer": phase.layer,
-                      "phase_step": step + 1, "lr": lr, "grad_norm": grad_norm, **sums}
-            if metrics is not None and (state.global_step % cfg.log_every == 0 or step + 1 == phase.steps):
-                metrics.log(record)
-            due = cfg.checkpoint_every > 0 and state.global_step % cfg.checkpoint_every == 0
-            if checkpointer is not None and (due or method.checkpoint_due(state.global_step)):
-                checkpoint(Position(index, step + 1, state.global_step), w0, names)
-            fault_point("train_step")
-            method.on_step(record)
-            if on_step is not None:
-                on_step(record)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k.endswith("_loss")}, refresh=False)
-        method.end_phase(model, phase)
-        state.finished_phases += 1
-        if checkpointer is not None:
-            checkpoint(Position(index + 1, 0, state.global_step), w0, names)
-        fault_point("phase_end")
-    bar.close()
+    try:  # the bar closes whatever ends the loop: an error message starts on a line of its own
+        for index, phase in enumerate(phases[pos.phase:], start=pos.phase):
+            named = method.begin_phase(model, phase)
+            params, names = [p for _, p in named], [n for n, _ in named]
+            if not params:
+                raise ConfigError(f"phase {phase.name or phase.index}: no trainable parameters")
+            trained |= set(names)
+            here = saved is not None and index == pos.phase  # the phase the checkpoint stands in
+            first = pos.step if here else 0
+            if here:
+                load_tensors(model, saved["trainable"])
+            if optimizer is None or cfg.schedule_scope == "phase":
+                # Under one schedule for the run the optimizer holds the parameters of the phase it was
+                # built in; a resumed run rebuilds it over the same ones.
+                by_name = dict(model.named_parameters())
+                opt_named = ([(n, by_name[n]) for n in saved["optimizer_params"]]
+                             if here and cfg.schedule_scope == "run" else named)
+                flags = [p.requires_grad for _, p in opt_named]
+                for _, p in opt_named:  # they were trainable when it was first built
+                    p.requires_grad_(True)
+                optimizer = build_optimizer(opt_named, cfg.optimizer)
+                for (_, p), flag in zip(opt_named, flags):
+                    p.requires_grad_(flag)
+                optimizer_names = [n for n, _ in opt_named]
+                scheduler = build_scheduler(optimizer, phase.steps if cfg.schedule_scope == "phase" else total_steps,
+                                            cfg.optimizer)
+            if here:
+                if first > 0 or cfg.schedule_scope == "run":
+                    optimizer.load_state_dict(saved["optimizer"])
+                    scheduler.load_state_dict(saved["scheduler"])
+                if scaler is not None and saved["scaler"] is not None:
+                    scaler.load_state_dict(saved["scaler"])
+            w0 = None
+            if cfg.l2sp_coef > 0:  # the anchor is the phase's starting point, kept across a mid-phase resume
+                w0 = ([saved["anchor"][n].to(p.device, p.dtype) for n, p in named] if here and first > 0
+                      else [p.detach().clone() for p in params])
+            if here and first > 0:
+                _restore_random(saved, method)  # after begin_phase, which may reseed
+            for step in range(first, phase.steps):
+                ctx = StepContext(phase, step, state.global_step, total_steps)
+                sums = _accumulate(model, method, streams, cfg, ctx, params, w0, device, dtype, scaler)
+                if world_size() > 1:
+                    all_reduce_mean_([p.grad for p in params if p.grad is not None])
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                           else math.inf)
+                # One device sync per step: the loss terms stay on the GPU until here, so the CPU keeps
+                # queueing kernels instead of waiting on every logged number (small models are launch-bound).
+                sums = _to_floats({**sums, "grad_norm": grad_norm})
+                grad_norm = sums.pop("grad_norm")
+                for k, v in sums.items():
+                    if k.endswith("_term"):  # a NaN term stops the run before the optimizer moves anything
+                        check_finite(k.removesuffix("_term"), v, step=state.global_step, layer=phase.layer,
+                                     phase_step=step, advice=advice)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used (first group: Muon's under muon)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                for p in params:  # also those outside the optimizer (schedule_scope run, later phases)
+                    p.grad = None
+                state.global_step += 1
+                record = {"step": state.global_step, "phase": phase.index, "layer": phase.layer,
+                          "phase_step": step + 1, "lr": lr, "grad_norm": grad_norm, **sums}
+                if metrics is not None and (state.global_step % cfg.log_every == 0 or step + 1 == phase.steps):
+                    metrics.log(record)
+                due = cfg.checkpoint_every > 0 and state.global_step % cfg.checkpoint_every == 0
+                if checkpointer is not None and (due or method.checkpoint_due(state.global_step)):
+                    checkpoint(Position(index, step + 1, state.global_step), w0, names)
+                fault_point("train_step")
+                method.on_step(record)
+                if on_step is not None:
+                    on_step(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k.endswith("_loss")}, refresh=False)
+            method.end_phase(model, phase)
+            state.finished_phases += 1
+            if checkpointer is not None:
+                checkpoint(Position(index + 1, 0, state.global_step), w0, names)
+            fault_point("phase_end")
+    finally:
+        bar.close()
     state.streams = {k: s.state_dict() for k, s in streams.items()}
     return state

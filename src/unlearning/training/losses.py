@@ -347,8 +347,10 @@ def l2sp(params: Sequence[Tensor] | Mapping[str, Tensor],
 
 
 def check_finite(name: str, value: Tensor | float, step: int, layer: int | None = None,
-                 phase_step: int | None = None) -> None:
-    """Raise :class:`NonFiniteLossError` naming the step, layer and loss term if ``value`` is NaN/inf.
+                 phase_step: int | None = None, advice: str | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step, layer and loss term if ``value`` is NaN/inf;
+    ``advice`` (``{name}``: the term) says what to change, from the run's settings (the loop's
+    :func:`~unlearning.training.loop.nonfinite_advice`).
 
     (On a GPU this synchronises: call it once per step on the logged values.)
     """
@@ -363,4 +365,4 @@ def check_finite(name: str, value: Tensor | float, step: int, layer: int | None 
         raise NonFiniteLossError(
             f"loss term {name!r} is {shown} at step {step}" + (f" ({', '.join(where)})" if where else "")
             + ": the run stops here and keeps its last checkpoint; "
-            f"lower the learning rate or the coefficient of {name!r}, or set max_grad_norm")
+            + (advice or "lower the learning rate or the coefficient of {name}").format(name=repr(name)))

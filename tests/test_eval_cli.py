@@ -61,3 +61,18 @@ def test_eval_help_and_organism_preset(capsys):
     assert organism_preset("organism:small-filtered@step200") == "small"
     assert organism_preset("organism:tiny") == "tiny"
     assert organism_preset("EleutherAI/deep-ignorance-unfiltered") is None
+
+
+def test_a_failed_eval_leaves_a_folder_that_says_failed(model_dir, tmp_path, monkeypatch):
+    from unlearning.commands import eval as eval_command
+    questions = write_jsonl(tmp_path / "q.jsonl", good_rows(3))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring broke")
+    monkeypatch.setattr(eval_command, "evaluate", broken)
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError):
+        cli.main(["eval", "--model", str(model_dir), "--tasks", f"{questions}:cloze", "--output-dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == "RuntimeError: scoring broke"
+    assert "scoring broke" in (out / "log.txt").read_text()  # the traceback

@@ -23,7 +23,7 @@ from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, one_line
 from unlearning.core.io import atomic_write_text, dumps_json
 from unlearning.core.logs import FILE_ONLY
-from unlearning.core.rundir import FAILED, RunDir, check_writable, safe_name, utc_now
+from unlearning.core.rundir import RunDir, check_writable, safe_name
 from unlearning.organism.registry import organism_preset
 from unlearning.reporting.tables import eval_table as format_table  # the one table formatter
 from unlearning.core.runtime import configure_cpu_threads, init_distributed, is_main_process
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     try:
         results = evaluate(model, tokenizer, tasks, log_samples=cfg.log_samples, **cfg.evaluate_kwargs())
     except Exception as e:  # the folder says so; a killed eval leaves none (rerun into it: same results)
-        run.write_results({"status": FAILED, "error": one_line(e), "failed_at": utc_now()})
+        run.fail({}, one_line(e))
         log.error("evaluation failed: %s", one_line(e), exc_info=True, extra={FILE_ONLY: True})
         raise
     seconds = time.time() - start

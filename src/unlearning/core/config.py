@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from unlearning.core.errors import ConfigError
+from unlearning.core.io import missing_path_fix
 
 T = TypeVar("T")
 
@@ -243,8 +244,7 @@ def merge(base: dict[str, Any], update: typing.Mapping[str, Any]) -> dict[str, A
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        where = "" if path.is_absolute() else f" (relative paths start from the working directory, {Path.cwd()})"
-        raise ConfigError(f"{path}: config file not found; check the path{where}")
+        raise ConfigError(f"{path}: config file not found; {missing_path_fix(path)}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:  # one line: where, and what the parser expected

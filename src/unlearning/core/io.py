@@ -60,6 +60,12 @@ def match_umask(path: str | Path) -> Path:
     return path
 
 
+def missing_path_fix(path: Path) -> str:
+    """The fix for a path that is not there: where a relative one was looked for."""
+    return ("check the path" if path.is_absolute()
+            else f"check the path (relative paths start from the working directory, {Path.cwd()})")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename over ``path`` (with the umask's mode)."""
     path = Path(path)

@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.core.errors import DataError
+from unlearning.core.io import missing_path_fix
 
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
-
-
-def where_paths_start(path: Path) -> str:
-    """The fix for a path that is not there: where a relative one was looked for."""
-    return ("check the path" if path.is_absolute()
-            else f"check the path (relative paths start from the working directory, {Path.cwd()})")
 
 
 def _fail(what: str, path: Path, problem: str, fix: str = "") -> DataError:
@@ -46,7 +41,7 @@ def read_rows(path: str | Path, what: str = "", columns: Sequence[str] = (), fix
             raise _fail(what, path, f"the folder holds no {'/'.join(suffixes)} files", fix)
         return [{**row, "_file": f.stem} for f in files for row in read_rows(f, what, columns, fix, suffixes)]
     if not path.is_file():
-        raise _fail(what, path, "file not found", where_paths_start(path))
+        raise _fail(what, path, "file not found", missing_path_fix(path))
     if path.suffix not in suffixes:
         raise _fail(what, path, f"not a {'/'.join(suffixes)} file", fix)
     if path.stat().st_size == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -185,6 +186,16 @@ class Sequential(Method):
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
+    def frozen_prefix(self, layer: int) -> int:
+        """How many blocks from the bottom are still the original ones with nothing in them
+        training, in the phase of ``layer``: the retain loss's current and original passes share
+        them. Layers train last to first, so under full fine-tuning (and LoRA on the target layer
+        only) that is every block below the target; LoRA adapters below it that train (``all``,
+        ``up_to_target``) leave nothing to share."""
+        if self.cfg.finetune == "full" or self.cfg.lora_train_layers == "target":
+            return layer
+        return 0
+
     # -- coefficients
 
     def coefficients(self, ctx: StepContext) -> Coefficients:
@@ -198,11 +209,21 @@ class Sequential(Method):
     # -- losses
 
     def losses(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]], ctx: StepContext) -> LossTerms:
-        cfg, L = self.cfg, ctx.phase.layer
-        forget_c, retain_c = self.coefficients(ctx)
-        forget_batch = batches["forget"]
-        logs: dict[str, torch.Tensor | float] = {"forget_coef": forget_c, "retain_coef": retain_c}
+        return LossTerms.merge(self.loss_stages(model, batches, ctx))
 
+    def loss_stages(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]],
+                    ctx: StepContext) -> Iterator[LossTerms]:
+        """Two stages: the forget terms, then the retain terms. The loop backpropagates the
+        forget pass (and frees its activations) before the retain passes run."""
+        forget_c, retain_c = self.coefficients(ctx)
+        yield self._forget_terms(model, batches["forget"], ctx.phase.layer, forget_c, retain_c)
+        if self.cfg.retain_losses:
+            yield self._retain_terms(model, batches["retain"], ctx.phase.layer, retain_c)
+
+    def _forget_terms(self, model: nn.Module, forget_batch: dict[str, torch.Tensor], L: int,
+                      forget_c: float, retain_c: float) -> LossTerms:
+        cfg = self.cfg
+        logs: dict[str, torch.Tensor | float] = {"forget_coef": forget_c, "retain_coef": retain_c}
         ref = None
         if cfg.forget_loss in ("npo", "npo_per_token"):
             ref = reference_logprobs(model, forget_batch, self.originals)
@@ -217,18 +238,22 @@ class Sequential(Method):
             if len(per_probe) > 1:
                 logs.update({f"forget_loss_L{p}": v.detach() for p, v in per_probe.items()})
         logs["forget_loss"] = f_loss.detach()
+        return LossTerms(forget={"forget": forget_c * f_loss}, logs=logs)
 
-        retain_terms, retain_total = {}, 0.0  # logged numbers stay tensors: the loop syncs once per step
-        if cfg.retain_losses:
-            raw = retain_losses(model, batches["retain"], cfg.retain_losses,
-                                self.retain_layers[L], self.originals)
-            for kind, value in raw.items():
-                weight = cfg.retain_losses[kind]
-                retain_terms[f"retain_{kind}"] = retain_c * weight * value
-                logs[f"retain_{kind}_loss"] = value.detach()
-                retain_total = retain_total + weight * value.detach()
-            logs["retain_loss"] = retain_total
-        return LossTerms(forget={"forget": forget_c * f_loss}, retain=retain_terms, logs=logs)
+    def _retain_terms(self, model: nn.Module, retain_batch: dict[str, torch.Tensor], L: int,
+                      retain_c: float) -> LossTerms:
+        cfg = self.cfg
+        terms = LossTerms()  # logged numbers stay tensors: the loop syncs once per step
+        raw = retain_losses(model, retain_batch, cfg.retain_losses, self.retain_layers[L], self.originals,
+                            frozen_prefix=self.frozen_prefix(L))
+        retain_total = 0.0
+        for kind, value in raw.items():
+            weight = cfg.retain_losses[kind]
+            terms.retain[f"retain_{kind}"] = retain_c * weight * value
+            terms.logs[f"retain_{kind}_loss"] = value.detach()
+            retain_total = retain_total + weight * value.detach()
+        terms.logs["retain_loss"] = retain_total
+        return terms
 
 
 def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, Sequential]:

@@ -16,6 +16,7 @@ counts. The attention never changes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from unlearning.training import losses
 from unlearning.model.originals import OriginalWeights, original_layers_after, original_model
+from unlearning.model.layers import forward_until, get_parts, start_at
 from unlearning.methods.representation import forward_hidden
 
 ForgetKind = Literal["max_entropy_kl", "random_ce", "top_k_entropy", "npo", "npo_per_token"]
@@ -86,24 +88,42 @@ def forget_loss(kind: ForgetKind, logits: Tensor, batch: dict[str, Tensor], *, r
 
 
 def retain_losses(model: nn.Module, batch: dict[str, Tensor], weights: dict[str, float], l2_layers: Sequence[int],
-                  originals: OriginalWeights | None) -> dict[str, Tensor]:
+                  originals: OriginalWeights | None, frozen_prefix: int = 0) -> dict[str, Tensor]:
     """Unweighted retain losses by kind, for each kind in ``weights`` (``l2``, ``kl``, ``nll``).
 
     Only what the kinds need is computed: without ``kl``/``nll`` both forward passes stop after
     the deepest L2 layer; without ``l2``/``kl`` no original pass runs at all.
+
+    ``frozen_prefix`` k > 0 says blocks ``0..k-1`` are the original ones and nothing in them
+    trains (full fine-tuning of layer k, or LoRA on the target layer only): the current and
+    the original pass then agree up to block k-1, so that prefix runs once, without autograd,
+    and both passes start at block k from its output. Same numbers, (k / depth) of two forward
+    passes fewer.
     """
     mask = batch["attention_mask"].bool()
-    layers = list(l2_layers) if "l2" in weights else []
+    layers = sorted(l2_layers) if "l2" in weights else []
     need_logits = "kl" in weights or "nll" in weights
     out: dict[str, Tensor] = {}
     if not layers and not need_logits:
         return out
-    hidden, logits = forward_hidden(model, batch, layers, logits=need_logits)
+    k = frozen_prefix if frozen_prefix > 0 and (need_logits or max(layers) >= frozen_prefix) else 0
+    shared: dict[int, Tensor] = {}
+    if k:
+        with torch.no_grad():  # the prefix both passes share: block outputs 0..k-1, no autograd record
+            # the unwrapped model: nothing here is for backward, so DDP must not arm its reducer
+            shared = forward_until(get_parts(model).model, batch["input_ids"], batch["attention_mask"],
+                                   sorted({*[i for i in layers if i < k], k - 1}))
+    later = [i for i in layers if i >= k]
+    start = start_at(model, k, shared[k - 1]) if k else contextlib.nullcontext()
+    with start:
+        hidden, logits = forward_hidden(model, batch, later, logits=need_logits)
     if "l2" in weights or "kl" in weights:
-        with torch.no_grad(), original_model(model, originals):
-            hidden0, logits0 = forward_hidden(model, batch, layers, logits="kl" in weights)
+        with torch.no_grad(), original_model(model, originals), \
+                (start_at(model, k, shared[k - 1]) if k else contextlib.nullcontext()):
+            hidden0, logits0 = forward_hidden(model, batch, later, logits="kl" in weights)
         if "l2" in weights:
-            out["l2"] = losses.hidden_l2(hidden, hidden0, mask)
+            both = {i: shared[i] for i in layers if i < k}  # equal in the two passes: a difference of 0
+            out["l2"] = losses.hidden_l2({**both, **hidden}, {**both, **hidden0}, mask)
         if "kl" in weights:
             out["kl"] = losses.kl_retain(logits, logits0, mask)
     if "nll" in weights:

@@ -292,3 +292,39 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         # the stop skipped DDP's post-forward, which arms the gradient all-reduce for backward
         captured = model._post_forward(dict(captured))
     return captured
+
+
+@contextlib.contextmanager
+def start_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Inside the block a forward pass starts at decoder layer ``layer``, fed ``hidden``.
+
+    ``hidden`` ``(B, T, C)`` is the output of block ``layer - 1``, computed earlier (for example
+    once, without autograd, and shared by two passes that differ only from ``layer`` on). Blocks
+    ``0..layer-1`` pass their input through untouched; the model's own ``forward`` still builds
+    the attention mask and position embeddings, and runs the embedding lookup, whose output the
+    first computed block ignores. Blocks return their hidden states as a tensor (transformers
+    >= 4.54, which the project requires).
+    """
+    parts = get_parts(model)
+    depth = len(parts.layers)
+    if not 0 < layer < depth:
+        raise ValueError(f"start_at: layer {layer} must be in 1..{depth - 1}")
+
+    def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    skipped = list(parts.layers[:layer])
+    for block in skipped:
+        block.forward = passthrough  # an instance attribute: nn.Module.__call__ (and its hooks) still run
+    handle = parts.layers[layer].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in skipped:
+            block.__dict__.pop("forward", None)

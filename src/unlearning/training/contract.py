@@ -9,6 +9,7 @@ L2-SP, metrics, checkpoints), a Method says what to optimise and when something 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,16 @@ class LossTerms:
         terms = list(self.forget.values()) + list(self.retain.values())
         return torch.stack([t.float() for t in terms]).sum()
 
+    @staticmethod
+    def merge(stages: "Iterable[LossTerms]") -> "LossTerms":
+        """One set of terms from several stages (later stages' names win; they never clash)."""
+        out = LossTerms()
+        for t in stages:
+            out.forget.update(t.forget)
+            out.retain.update(t.retain)
+            out.logs.update(t.logs)
+        return out
+
 
 class Method(abc.ABC):
     """What the loop trains. ``phases``, ``begin_phase`` and ``losses`` are required; the rest
@@ -76,6 +87,14 @@ class Method(abc.ABC):
     def losses(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]],
                ctx: StepContext) -> LossTerms:
         """The loss terms of one micro-batch (``batches`` maps a stream name to its batch)."""
+
+    def loss_stages(self, model: nn.Module, batches: dict[str, dict[str, torch.Tensor]],
+                    ctx: StepContext) -> Iterator[LossTerms]:
+        """The micro-batch's terms in stages: the loop backpropagates each stage before it asks
+        for the next, so one stage's activations are freed before the next stage's forward pass
+        runs (the peak holds one stage's graph, not all of them). The stages together must equal
+        :meth:`losses`. Default: one stage."""
+        yield self.losses(model, batches, ctx)
 
     def end_phase(self, model: nn.Module, phase: Phase) -> None:
         """Called after the phase's last step (e.g. to free a teacher)."""

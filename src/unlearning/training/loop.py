@@ -91,19 +91,41 @@ def _sum(d: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 
 def backward(terms: LossTerms, params: list[nn.Parameter], grad_filter: str, scale: float,
-             scaler: torch.amp.GradScaler | None = None) -> None:
-    """Accumulate this micro-batch's gradient into ``p.grad``, filtered if asked."""
+             scaler: torch.amp.GradScaler | None = None,
+             parts: list[list[torch.Tensor]] | None = None) -> None:
+    """Backpropagate one stage of a micro-batch, scaled by ``scale``.
+
+    Unfiltered, the gradient accumulates into ``p.grad``. With a gradient filter the forget and
+    retain gradients are taken apart: into ``parts`` ([forget grads, retain grads], summed over
+    the micro-batch's stages; :func:`apply_filter` combines them once its last stage is done), or,
+    without ``parts``, filtered and accumulated at once (a one-stage micro-batch).
+    """
     if grad_filter == "none":
-        loss = terms.total() * scale
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if terms.forget or terms.retain:
+            loss = terms.total() * scale
+            if loss.requires_grad:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         return
-    g_forget = _grads(_sum(terms.forget), params, retain_graph=True)
+    g_forget = _grads(_sum(terms.forget), params, retain_graph=bool(terms.retain))
     g_retain = _grads(_sum(terms.retain), params, retain_graph=False)
+    if parts is None:
+        apply_filter([g_forget, g_retain], params, grad_filter, scale)
+        return
+    if not parts:
+        parts.extend([g_forget, g_retain])
+    else:
+        parts[0] = [a + b for a, b in zip(parts[0], g_forget)]
+        parts[1] = [a + b for a, b in zip(parts[1], g_retain)]
+
+
+def apply_filter(parts: list[list[torch.Tensor]], params: list[nn.Parameter], grad_filter: str,
+                 scale: float) -> None:
+    """Combine a micro-batch's forget and retain gradients through the filter into ``p.grad``."""
+    g_forget, g_retain = parts
     combined = (same_sign_filter if grad_filter == "same_sign" else asymmetric_filter)(g_retain, g_forget)
     for p, g in zip(params, combined):
         g = g * scale
         p.grad = g if p.grad is None else p.grad + g
-
 
 
 @dataclass
@@ -125,15 +147,28 @@ def _accumulate(model: nn.Module, method: Method, streams: dict[str, Any], cfg: 
     """Forward and backward over the step's micro-batches; returns the averaged terms and logs
     (still tensors: nothing here waits for the device)."""
     sums: dict[str, torch.Tensor | float] = {}
+    scale = 1.0 / cfg.grad_accum
     for _ in range(cfg.grad_accum):
         batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
                    for k, s in streams.items()}
-        with autocast(device, dtype):
-            terms = method.losses(model, batches, ctx)
+        stages, done = method.loss_stages(model, batches, ctx), []
+        parts: list[list[torch.Tensor]] = []  # [forget grads, retain grads] under a gradient filter
+        while True:
+            with autocast(device, dtype):
+                terms = next(stages, None)
+            if terms is None:
+                break
+            # backward now, before the next stage's forward: this stage's activations are freed first
+            backward(terms, params, cfg.grad_filter, scale, scaler, parts)
+            done.append(terms)
+        terms = LossTerms.merge(done)
         if w0 is not None:
             sq = torch.stack([(p.float() - q.float()).pow(2).sum() for p, q in zip(params, w0)]).sum()
-            terms.retain["l2sp"] = cfg.l2sp_coef * sq
-        backward(terms, params, cfg.grad_filter, 1.0 / cfg.grad_accum, scaler)
+            l2sp = LossTerms(retain={"l2sp": cfg.l2sp_coef * sq})
+            backward(l2sp, params, cfg.grad_filter, scale, scaler, parts)
+            terms.retain.update(l2sp.retain)
+        if cfg.grad_filter != "none":
+            apply_filter(parts, params, cfg.grad_filter, scale)
         named_values = [(f"{k}_term", v) for group in (terms.forget, terms.retain) for k, v in group.items()]
         for k, v in named_values + list(terms.logs.items()):
             v = v.detach().float() if isinstance(v, torch.Tensor) else v

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from unlearning.core.errors import NonFiniteLossError, UserError
@@ -118,6 +119,31 @@ def random_target_ce(logits: Tensor, mask: Tensor, targets: Tensor, normalize: b
     return masked_mean(ce, m)
 
 
+# Rows of a [.., V] tensor per chunk in :func:`rowwise`: fp32 intermediates of ~128 MiB at most.
+ROWWISE_CHUNK_ELEMENTS = 2 ** 25
+
+
+def rowwise(fn, *tensors: Tensor) -> Tensor:
+    """``fn`` applied to rows: ``(..., V)`` tensors -> ``(...)`` per-row values, in chunks of rows.
+
+    Each chunk runs under activation checkpointing, so its fp32 intermediates are freed after
+    the forward pass and recomputed in backward: a 50k vocabulary at 4 x 1024 positions would
+    otherwise keep 0.8 GB per fp32 copy of the logits, several copies per loss. Rows are
+    independent, so the values equal ``fn`` on the whole tensors. Small inputs run in one call.
+    """
+    lead, vocab = tensors[0].shape[:-1], tensors[0].shape[-1]
+    flat = [t.reshape(-1, vocab) for t in tensors]
+    rows = max(1, ROWWISE_CHUNK_ELEMENTS // vocab)
+    if flat[0].shape[0] <= rows:
+        return fn(*tensors)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    outs = []
+    for i in range(0, flat[0].shape[0], rows):
+        chunk = [t[i:i + rows] for t in flat]
+        outs.append(torch.utils.checkpoint.checkpoint(fn, *chunk, use_reentrant=False) if track else fn(*chunk))
+    return torch.cat(outs).reshape(lead)
+
+
 def _uniform_ce(z: Tensor) -> Tensor:
     """Per position CE(U, softmax(z)) = -(1/V) sum_i log p_i = logsumexp(z) - mean(z)."""
     return torch.logsumexp(z, dim=-1) - z.mean(dim=-1)
@@ -131,8 +157,7 @@ def max_entropy_kl(logits: Tensor, mask: Tensor) -> Tensor:
     Computed from logits as ``(logsumexp(z) - mean(z)) / log V`` (no [.., V] log-softmax kept).
     """
     m = _bool_mask(mask, logits, "logits")
-    z = logits.float()
-    return masked_mean(_uniform_ce(z) / math.log(z.shape[-1]), m)
+    return masked_mean(rowwise(lambda z: _uniform_ce(z.float()), logits) / math.log(logits.shape[-1]), m)
 
 
 def topk_entropy(logits: Tensor, mask: Tensor, k: int) -> Tensor:
@@ -225,10 +250,14 @@ def kl_retain(current_logits: Tensor, original_logits: Tensor, mask: Tensor) -> 
     retain losses of 10-200; this per-token mean reads those values divided by the length.)
     """
     m = _bool_mask(mask, current_logits, "logits")
+    return masked_mean(rowwise(_kl_rows, current_logits, original_logits.detach()), m)
+
+
+def _kl_rows(current_logits: Tensor, original_logits: Tensor) -> Tensor:
+    """KL(original || current) per row of logits, in fp32."""
     log_cur = F.log_softmax(current_logits.float(), dim=-1)
-    log_orig = F.log_softmax(original_logits.detach().float(), dim=-1)
-    kl = F.kl_div(log_cur, log_orig, reduction="none", log_target=True).sum(dim=-1)
-    return masked_mean(kl, m)
+    log_orig = F.log_softmax(original_logits.float(), dim=-1)
+    return F.kl_div(log_cur, log_orig, reduction="none", log_target=True).sum(dim=-1)
 
 
 def nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:

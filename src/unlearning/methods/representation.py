@@ -260,16 +260,22 @@ class RepresentationMethod(Method):
         return step % self.metrics_every == 0 or step in (self.summary_step, self.total_steps)
 
     def losses(self, model: nn.Module, batches: dict[str, dict[str, Tensor]], ctx: StepContext) -> LossTerms:
+        return LossTerms.merge(self.loss_stages(model, batches, ctx))
+
+    def loss_stages(self, model: nn.Module, batches: dict[str, dict[str, Tensor]],
+                    ctx: StepContext) -> Iterator[LossTerms]:
+        """Two stages, forget then retain: the forget pass's activations are freed (by its
+        backward) before the retain passes run."""
         forget_c, retain_c = self.coefficients(ctx.global_step)
         due = self.metrics_due(ctx)
         forget_batch = batches["forget"]
         forget_loss, extra, logs = self.forget_losses(model, forget_batch, self.forget_mask(forget_batch), due)
-        retain_loss, retain_logs = self.retain_losses(model, batches["retain"], due)
-        logs.update(retain_logs)
         logs.update({f"{self.forget_key}_loss": forget_loss.detach(), "forget_loss": forget_loss.detach(),
-                     "retain_loss": retain_loss.detach(), "forget_coef": forget_c, "retain_coef": retain_c})
-        return LossTerms(forget={self.forget_key: forget_c * forget_loss, **extra},
-                         retain={f"retain_{self.retain_kind}": retain_c * retain_loss}, logs=logs)
+                     "forget_coef": forget_c, "retain_coef": retain_c})
+        yield LossTerms(forget={self.forget_key: forget_c * forget_loss, **extra}, logs=logs)
+        retain_loss, retain_logs = self.retain_losses(model, batches["retain"], due)
+        yield LossTerms(retain={f"retain_{self.retain_kind}": retain_c * retain_loss},
+                        logs={**retain_logs, "retain_loss": retain_loss.detach()})
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
                       want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:

@@ -1,0 +1,272 @@
+"""Training speed and memory at the real model's size: the project's path against a reference design.
+
+    python benchmarks/scale_train.py                       # the 6.9B GPT-NeoX shape, random weights, one GPU
+    python benchmarks/scale_train.py --shape tiny --steps 3   # the same code at a toy shape (CPU smoke test)
+
+Three workloads, each run twice in the same process, one after the other on a freshly built model:
+
+- ``seq_full``: sequential unlearning, full fine-tuning of layer L (max-entropy forget through the
+  probe, KL retain on logits, AdamW), forget + retain batches of 4 x 1024 tokens;
+- ``seq_lora``: the same with LoRA r 16 on every linear layer (the notebook's "all" adapters train);
+- ``cb_lora``: circuit breakers, LoRA, layers 5..30, KL retain.
+
+"project" is the code ``unlearn run`` executes: the method's ``build`` and the one training loop
+(``training/loop.py``). "reference" is the straightforward design written inline below: a
+``deepcopy`` of the model as the original, every pass in full with ``output_hidden_states``,
+unchunked fp32 losses, one backward. Both use the same shapes, dtypes, optimizer and data.
+
+Each row reports ms/step (median of the timed steps after ``--warmup``), tokens/s (forget + retain
+tokens), peak GiB (``torch.cuda.max_memory_allocated`` over the whole run, weights included), the
+FLOPs one step executes (counted by ``torch.utils.flop_counter`` on one extra step) and MFU against
+the GPU's bf16 dense peak. Results go to ``benchmarks/results/scale_train.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from unlearning.core.io import atomic_write_json  # noqa: E402
+from unlearning.data.text import BatchStream, TokenizedData  # noqa: E402
+from unlearning.methods import circuit_breaker, sequential  # noqa: E402
+from unlearning.methods.context import BuildContext  # noqa: E402
+from unlearning.model.layers import get_parts, start_at  # noqa: E402
+from unlearning.training.loop import TrainConfig, train  # noqa: E402
+from unlearning.training.optim import OptimizerConfig  # noqa: E402
+from unlearning.training.trainable import LoraSettings  # noqa: E402
+
+SHAPES = {  # GPT-NeoX 6.9B (deep-ignorance / Pythia-6.9B layout) and a toy with the same code paths
+    "6.9b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=16384, num_attention_heads=32,
+                 vocab_size=50304, seq=1024, batch=4, layer=20, cb_layers=list(range(5, 31))),
+    "tiny": dict(num_hidden_layers=6, hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                 vocab_size=50304, seq=64, batch=2, layer=3, cb_layers=[1, 2, 3, 4]),
+}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}
+LR = 1e-5
+FORGET_COEF, RETAIN_COEF = 5.0, 2.0
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=shape["num_hidden_layers"], hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"], num_attention_heads=shape["num_attention_heads"],
+        vocab_size=shape["vocab_size"], rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+        max_position_embeddings=2048, attention_dropout=0.0, hidden_dropout=0.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model.train()
+
+
+def random_data(shape: dict, seed: int, rows: int = 64) -> TokenizedData:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape["vocab_size"], (rows, shape["seq"]), generator=g)
+    return TokenizedData(ids, torch.ones_like(ids))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's path: the method's build and the one loop
+
+
+def project_run(workload: str, shape: dict, device, dtype, steps: int, on_step) -> None:
+    model = build_model(shape, device, dtype)
+    data = {"forget": random_data(shape, 1), "retain": random_data(shape, 2)}
+    tcfg = TrainConfig(batch_size=shape["batch"], grad_accum=1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                       max_grad_norm=1.0, optimizer=OptimizerConfig(lr=LR, weight_decay=0.0))
+    ctx = BuildContext(model_name="random", tokenizer=None, data=data, device=device, train=tcfg,
+                       model_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    lora = LoraSettings(r=16, alpha=16, dropout=0.0)
+    if workload in ("seq_full", "seq_lora"):
+        cfg = sequential.Config(layers=[shape["layer"]], steps_per_layer=steps, remove_coef=FORGET_COEF,
+                                retain_coef=RETAIN_COEF, forget_loss="max_entropy_kl", retain_losses={"kl": 1.0},
+                                finetune="full" if workload == "seq_full" else "lora", lora=lora)
+        model, method = sequential.build(model, ctx, cfg)
+    else:
+        cfg = circuit_breaker.Config(target_layers=shape["cb_layers"], retain_loss="kl", steps=steps,
+                                     finetune="lora", lora=lora, metrics_every=10 ** 6, summary_step=None,
+                                     retain_coef=RETAIN_COEF, remove_coef=FORGET_COEF)
+        model, method = circuit_breaker.build(model, ctx, cfg)
+    streams = {k: BatchStream(v, shape["batch"], seed=i) for i, (k, v) in enumerate(data.items())}
+    train(model, method, streams, tcfg, device=device, on_step=lambda record: on_step())
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference design: a second model, full passes, plain losses
+
+
+def _max_entropy(logits):  # CE(uniform, p) / log V at every position, fp32
+    z = logits.float()
+    return ((torch.logsumexp(z, -1) - z.mean(-1)) / torch.log(torch.tensor(z.shape[-1]))).mean()
+
+
+def _kl(cur, orig):
+    return F.kl_div(F.log_softmax(cur.float(), -1), F.log_softmax(orig.float(), -1), reduction="none",
+                    log_target=True).sum(-1).mean()
+
+
+def _relu_cos(cur, orig):
+    return torch.stack([F.relu(F.cosine_similarity(c.float(), o.float(), dim=-1)).mean()
+                        for c, o in zip(cur, orig)]).mean()
+
+
+def reference_run(workload: str, shape: dict, device, dtype, steps: int, on_step) -> None:
+    from peft import LoraConfig, get_peft_model
+    model = build_model(shape, device, dtype)
+    original = copy.deepcopy(model).requires_grad_(False).eval()  # the original: a second whole model
+    L = shape["layer"]
+    if workload == "seq_full":
+        model.requires_grad_(False)
+        params = list(get_parts(model).layers[L].parameters())
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    f_stream = BatchStream(random_data(shape, 1), shape["batch"], seed=0)
+    r_stream = BatchStream(random_data(shape, 2), shape["batch"], seed=1)
+    for _ in range(steps):
+        fb = {k: v.to(device) for k, v in next(f_stream).items() if k in ("input_ids", "attention_mask")}
+        rb = {k: v.to(device) for k, v in next(r_stream).items() if k in ("input_ids", "attention_mask")}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if workload == "cb_lora":
+                cur = model(**fb, output_hidden_states=True).hidden_states
+                with torch.no_grad():
+                    orig = original(**fb, output_hidden_states=True).hidden_states
+                idx = [i + 1 for i in shape["cb_layers"]]
+                forget = _relu_cos([cur[i] for i in idx], [orig[i] for i in idx])
+            else:  # the probe: the current model's layer-L output through the original layers after L
+                h = model(**fb, output_hidden_states=True).hidden_states[L + 1]
+                with start_at(original, L + 1, h):
+                    forget = _max_entropy(original(**fb).logits)
+            cur_logits = model(**rb, output_hidden_states=True).logits
+            with torch.no_grad():
+                orig_logits = original(**rb, output_hidden_states=True).logits
+            loss = FORGET_COEF * forget + RETAIN_COEF * _kl(cur_logits, orig_logits)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss.item()  # the step's one sync, as the project's loop has
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        on_step()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, workload: str, shape: dict, device, dtype, steps: int, warmup: int) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps: list[float] = []
+
+    def on_step():
+        _sync(device)
+        stamps.append(time.perf_counter())
+    start = time.perf_counter()
+    fn(workload, shape, device, dtype, warmup + steps + 1, on_step)
+    wall = time.perf_counter() - start
+    per_step = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    ms = 1000 * statistics.median(per_step)
+    tokens = 2 * shape["batch"] * shape["seq"]  # forget + retain
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return {"ms_per_step": round(ms, 1), "tokens_per_s": round(tokens / ms * 1000), "peak_gib": peak and round(peak, 2),
+            "steps_timed": len(per_step), "wall_s": round(wall, 1)}
+
+
+def count_flops(fn, workload, shape, device, dtype) -> float:
+    """FLOPs of one optimizer step as executed (matmuls and attention), by PyTorch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    counter = FlopCounterMode(display=False)
+    counts: list[int] = []
+    # count the second step only (the first builds optimizer state): enter the counter from the hook
+    state = {"n": 0}
+
+    def on_step():
+        state["n"] += 1
+        if state["n"] == 1:
+            counter.__enter__()
+        elif state["n"] == 2:
+            counter.__exit__(None, None, None)
+            counts.append(counter.get_total_flops())
+    fn(workload, shape, device, dtype, 2, on_step)
+    return float(counts[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="6.9b")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workloads", default="seq_full,seq_lora,cb_lora")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per run)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_train.json"))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = SHAPES[args.shape]
+    peak = peak_tflops(device)
+    rows = []
+    for workload in args.workloads.split(","):
+        row = {"workload": workload}
+        for design, fn in (("project", project_run), ("reference", reference_run)):
+            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup)
+            if not args.no_flops:
+                m["tflop_per_step"] = round(count_flops(fn, workload, shape, device, dtype) / 1e12, 2)
+                if peak:
+                    m["mfu"] = round(m["tflop_per_step"] / (m["ms_per_step"] / 1000) / peak, 3)
+            row[design] = m
+            print(workload, design, m, flush=True)
+        row["speedup"] = round(row["reference"]["ms_per_step"] / row["project"]["ms_per_step"], 2)
+        if row["project"]["peak_gib"]:
+            row["memory_ratio"] = round(row["project"]["peak_gib"] / row["reference"]["peak_gib"], 2)
+        rows.append(row)
+    result = {"benchmark": "scale_train", "shape": args.shape, **{k: v for k, v in shape.items()},
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "bf16_peak_tflops": peak, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    print("\n| workload | project ms/step | tokens/s | peak GiB | MFU | reference ms/step | tokens/s | peak GiB | MFU "
+          "| speed-up | memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p, q = r["project"], r["reference"]
+        print(f"| {r['workload']} | {p['ms_per_step']} | {p['tokens_per_s']} | {p['peak_gib']} | {p.get('mfu')} "
+              f"| {q['ms_per_step']} | {q['tokens_per_s']} | {q['peak_gib']} | {q.get('mfu')} | {r['speedup']}x "
+              f"| {r.get('memory_ratio')}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

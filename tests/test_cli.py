@@ -116,25 +116,33 @@ def test_eval_settings_reach_evaluate_in_run_and_tamper(monkeypatch):
     import unlearning.evaluation as evaluation
     from unlearning import runner
     from unlearning.attacks.tamper import AttackConfig, evaluation_point
-    calls = []
+    calls, task_contexts = [], []
 
     def fake_evaluate(model, tokenizer, tasks, **kwargs):
         calls.append(kwargs)
         return {"t": {"acc": 0.5, "n": 1, "format": "cloze"}}
+
+    def fake_get_tasks(names, organism=None, **context):
+        task_contexts.append(context)
+        return list(names)
     from unlearning.attacks import tamper as attacks_tamper
     for module in (evaluation, runner, attacks_tamper):  # imported at call time or at module level
         monkeypatch.setattr(module, "evaluate", fake_evaluate, raising=False)
-        monkeypatch.setattr(module, "get_tasks", lambda names, organism=None: list(names), raising=False)
+        monkeypatch.setattr(module, "get_tasks", fake_get_tasks, raising=False)
     (_, overrides) = parse(run_command.RunOptions, ["--eval.add-bos-token", "--eval.max_length", "64",
-                                                    "--eval.mixed-precision", "false"], config=RunConfig)
+                                                    "--eval.mixed-precision", "false", "--eval.num-fewshot", "5",
+                                                    "--eval.fewshot-data", "dev.jsonl"], config=RunConfig)
     cfg = load_run_config(run_command.default_config_path(), overrides)
     runner.evaluate_model(None, None, cfg, "tiny", "cpu")
     assert calls[-1]["add_bos_token"] is True and calls[-1]["max_length"] == 64
-    assert calls[-1]["mixed_precision"] is False
+    assert calls[-1]["mixed_precision"] is False and calls[-1]["num_fewshot"] == 5
+    assert task_contexts[-1] == {"num_fewshot": 5, "fewshot_data": "dev.jsonl"}
     attack = AttackConfig(model="m")
     attack.eval.tasks, attack.eval.add_bos_token, attack.eval.max_length = ["t"], False, 32
+    attack.eval.num_fewshot = 3
     assert "eval" in evaluation_point(None, None, attack, "cpu")
     assert calls[-1]["add_bos_token"] is False and calls[-1]["max_length"] == 32
+    assert calls[-1]["num_fewshot"] == 3 and task_contexts[-1]["num_fewshot"] == 3
 
 
 def test_lists_positionals_bools_and_bad_values():

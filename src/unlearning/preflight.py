@@ -192,9 +192,32 @@ def read_local_corpora(cfg: RunConfig, organism: str | None) -> dict[str, list[d
     return texts
 
 
-def check_tasks(names: Any, key: str = "eval.tasks") -> None:
+def check_fewshot(names: list[str], settings: Any, key: str) -> None:
+    """``num_fewshot > 0``: every task has lm-eval's few-shot form, and local questions have dev rows
+    for every subject (read now: local files are cheap, and a missing dev row must not wait for the
+    after-training evaluation). ``key`` is the settings' section (``eval``)."""
+    k = settings.num_fewshot
+    if k <= 0:
+        return
+    if settings.fewshot_data and not Path(settings.fewshot_data).expanduser().exists():
+        raise DataError(f"{key}.fewshot_data: {settings.fewshot_data} does not exist; give a dev file in "
+                        "MMLU's columns (question, subject, choices, answer)")
+    try:
+        task_registry.check_fewshot_names(names, k)
+        for name in names:
+            if "=" in name or settings.fewshot_data:  # local questions or local dev rows: read them
+                task_registry.get_tasks([name], **settings.task_context())
+    except UserError as e:
+        message = str(e)
+        field = message.partition(":")[0]
+        raise type(e)(_rekey(message, field, f"{key}.{field}") if field in ("num_fewshot", "fewshot_data")
+                      else f"{key}.tasks: {message}") from None
+
+
+def check_tasks(names: Any, key: str = "eval.tasks", settings: Any = None) -> None:
     """Each task resolves, without loading a model, an organism or a hub dataset: registered names
-    are looked up (``NAME=PATH``: the file must exist), other names are read as local files."""
+    are looked up (``NAME=PATH``: the file must exist), other names are read as local files.
+    ``settings`` (an ``EvalSettings``): its few-shot choice is checked too (:func:`check_fewshot`)."""
     names = task_registry.split_task_names(names)
     if not names:
         raise ConfigError(f"{key}: no task named; give at least one, e.g. --{key} "
@@ -209,6 +232,8 @@ def check_tasks(names: Any, key: str = "eval.tasks") -> None:
             task_registry.get_tasks([name])  # a local question file (read and checked) or an error
         except UserError as e:
             raise type(e)(_rekey(str(e), "tasks", key)) from None
+    if settings is not None:
+        check_fewshot(names, settings, key.rpartition(".")[0] or key)
 
 
 def preflight_attack(cfg: Any, key: str = "attack") -> None:
@@ -218,7 +243,7 @@ def preflight_attack(cfg: Any, key: str = "attack") -> None:
     organism = cfg.organism or organism_preset(model_name)
     model_depth(model_name, cfg.revision, key=f"{key}.model")
     read_source(cfg.data, f"{key}.data", organism, cfg.model)
-    check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks")
+    check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks", settings=cfg.eval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +269,7 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     else:
         log.info("model %s: depth unknown before loading; layer specs are checked once it loads", model_name)
     plan.texts = read_local_corpora(cfg, organism)
-    check_tasks(cfg.eval.tasks)
+    check_tasks(cfg.eval.tasks, settings=cfg.eval)
     reference = cfg.eval.reference
     if reference and reference != "auto":
         model_depth(reference, None, key="eval.reference")

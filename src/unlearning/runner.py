@@ -138,7 +138,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any, organism: str | None,
 
 def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | None,
                    device: torch.device) -> dict[str, Any]:
-    tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny")
+    tasks = get_tasks(cfg.eval.tasks, organism=organism or "tiny", **cfg.eval.task_context())
     return evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs())
 
 

@@ -11,6 +11,15 @@ from __future__ import annotations
 
 import unlearning.evaluation.benchmarks  # noqa: F401  (registers wmdp_*, mmlu*)
 import unlearning.organism.tasks  # noqa: F401  (registers organism_*)
-from unlearning.evaluation.tasks import TASKS, TaskOptions, get_tasks, known_tasks_summary, split_task_names
+from unlearning.evaluation.tasks import (
+    FEWSHOT_TASKS,
+    TASKS,
+    TaskOptions,
+    check_fewshot_names,
+    get_tasks,
+    known_tasks_summary,
+    split_task_names,
+)
 
-__all__ = ["TASKS", "TaskOptions", "get_tasks", "known_tasks_summary", "split_task_names"]
+__all__ = ["FEWSHOT_TASKS", "TASKS", "TaskOptions", "check_fewshot_names", "get_tasks", "known_tasks_summary",
+           "split_task_names"]

@@ -124,7 +124,7 @@ def short_model_name(model: str) -> str:
 def evaluation_point(model: Any, tokenizer: Any, cfg: AttackConfig, device: torch.device) -> dict[str, Any]:
     """``{"eval": {...}}``, or ``{"error": ...}`` when the evaluation raises or returns a non-number."""
     try:
-        tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny")
+        tasks = get_tasks(cfg.tasks, organism=cfg.organism or "tiny", **cfg.eval.task_context())
         results = compact_eval(evaluation.evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs()))
         for task in cfg.tasks:
             acc = results.get(task, {}).get("acc")

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     cfg.tasks = split_task_names(cfg.tasks)
     cfg.organism = cfg.organism or organism_preset(cfg.model) or "tiny"
     # A bad task or model fails here, before the run directory exists: no empty runs/eval-* is left.
-    tasks = get_tasks(cfg.tasks, organism=cfg.organism)
+    tasks = get_tasks(cfg.tasks, organism=cfg.organism, **cfg.task_context())
     run = (RunDir(cfg.output_dir, create=False) if cfg.output_dir
            else RunDir.for_command(None, None, prefix=f"eval-{safe_name(cfg.model)}", create=False))
     check_writable(run.path, "output_dir")

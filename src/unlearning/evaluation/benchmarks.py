@@ -23,10 +23,18 @@ them), or ``$UNLEARNING_DATA_DIR/<data name>.parquet``, in the hub dataset's col
 family (``mmlu``, ``mmlu_stem``, ``mmlu_<subject>``) reads one file named ``mmlu`` with a
 ``subject`` column (the schema of cais/mmlu's ``all`` config); ``wmdp_bio_robust`` may carry a
 ``subset`` column naming the config of each row. See docs/benchmarks.md.
+
+Few-shot (``num_fewshot=k``, the MMLU family only, as lm-eval 0.4.13's MMLU tasks: ``fewshot_split:
+dev``, sampler ``first_n``): each subject's prompt shows the first k rows of that subject's dev
+split, in file order. The dev rows come from ``fewshot_data`` (a file or folder in the same
+columns), else, when the questions come from the hub, the hub's ``dev`` split, else
+``$UNLEARNING_DATA_DIR/mmlu_dev.parquet`` beside ``mmlu.parquet``. Local questions without a dev file
+are refused: the hub's dev rows beside someone's own questions would be a silent mix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -103,9 +111,10 @@ class Benchmark:
     subject: str = ""
     description: str | None = None
     columns: tuple[str, ...] = MC_COLUMNS  # the columns read (others, e.g. the cloze set's prompt, are ignored)
+    revision_key: str = ""  # the REVISIONS key when not ``data`` (another split of the same dataset)
 
     def hub(self, subset: str | None = None) -> HubDataset:
-        return HubDataset(self.hub_id, subset or self.config, self.split, revision_of(self.data))
+        return HubDataset(self.hub_id, subset or self.config, self.split, revision_of(self.revision_key or self.data))
 
 
 WMDP_BIO = Benchmark("wmdp_bio", "cais/wmdp", "test", "letter", config="wmdp-bio", subject="biology")
@@ -115,6 +124,10 @@ WMDP_BIO_ROBUST = Benchmark("wmdp_bio_robust", "EleutherAI/wmdp_bio_robust_mcqa"
 WMDP_BIO_CLOZE = Benchmark("wmdp_bio_cloze", "EleutherAI/wmdp_bio_cloze", "cloze_compatible", "cloze")
 MMLU = Benchmark("mmlu", "cais/mmlu", "test", "letter", subsets=tuple(MMLU_SUBJECTS), subset_column="subject",
                  subtask_prefix="mmlu_", columns=("question", "subject", "choices", "answer"))
+# the few-shot pool: the same dataset's dev split (5 rows per subject), at the same revision
+MMLU_DEV = dataclasses.replace(MMLU, data="mmlu_dev", split="dev", revision_key="mmlu")
+FEWSHOT_DATA_HINT = ("a dev file in MMLU's columns (question, subject, choices, answer), e.g. "
+                     "$UNLEARNING_HOME/real/mmlu/dev.parquet")
 
 
 def revision_of(data: str) -> str | None:
@@ -174,10 +187,13 @@ def _questions(rows: list[dict[str, Any]], bench: Benchmark, task_name: str, sou
 
 
 def _task(bench: Benchmark, name: str, rows: list[dict[str, Any]], subject: str, groups: tuple[str, ...],
-          description: str | None = None) -> Task:
+          description: str | None = None, fewshot_rows: list[dict[str, Any]] | None = None) -> Task:
     questions = _questions(rows, bench, name, source=f"task {name}")
+    fewshot = (None if fewshot_rows is None
+               else _questions(fewshot_rows, bench, f"{name}/dev", source=f"task {name}, dev rows"))
     return Task(name=name, questions=questions, format=bench.format, subject=subject,
-                description=description if description is not None else bench.description, groups=groups)
+                description=description if description is not None else bench.description, groups=groups,
+                fewshot=fewshot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +238,37 @@ def mmlu_groups(selection: str, subject: str) -> tuple[str, ...]:
     return ()
 
 
-def load_mmlu(selection: str, data_path: str | None) -> list[Task]:
+def mmlu_dev_rows(selection: str, subjects: list[str], data_path: str | None, fewshot_data: str | None,
+                  num_fewshot: int) -> dict[str, list[dict[str, Any]]]:
+    """Each subject's dev rows in file order (the few-shot pool); a subject with fewer than
+    ``num_fewshot`` is an error naming it."""
+    if fewshot_data:
+        source = fewshot_data
+    elif data_path or local_override(MMLU.data) is not None:
+        local = local_override(MMLU_DEV.data)
+        if data_path or local is None:
+            where = f"{selection}={data_path}" if data_path else f"$UNLEARNING_DATA_DIR/{MMLU.data}"
+            raise UserError(f"fewshot_data: num_fewshot {num_fewshot} with local questions ({where}) needs "
+                            f"their dev rows: set fewshot_data to {FEWSHOT_DATA_HINT}")
+        source = str(local)
+    else:
+        source = None  # the hub's dev split
+    by_subject = benchmark_rows(MMLU_DEV, source, subsets=subjects)
+    if None in by_subject:  # cannot happen: the subject column is required
+        raise DataError(f"fewshot_data: {source} needs a 'subject' column")
+    for subject in subjects:
+        have = len(by_subject.get(subject, []))
+        if have < num_fewshot:
+            raise DataError(f"fewshot_data: {source or 'the hub dev split'} has {have} dev row(s) for subject "
+                            f"{subject}, fewer than num_fewshot {num_fewshot}; give {FEWSHOT_DATA_HINT}, or "
+                            f"lower num_fewshot")
+    return {s: by_subject[s] for s in subjects}
+
+
+def load_mmlu(selection: str, data_path: str | None, num_fewshot: int = 0,
+              fewshot_data: str | None = None) -> list[Task]:
     subjects = mmlu_subjects(selection)
+    dev = mmlu_dev_rows(selection, subjects, data_path, fewshot_data, num_fewshot) if num_fewshot > 0 else {}
     by_subject = benchmark_rows(MMLU, data_path, subsets=subjects)
     if None in by_subject:  # cannot happen: the subject column is required
         raise DataError(f"task {selection}: local MMLU data needs a 'subject' column")
@@ -232,11 +277,15 @@ def load_mmlu(selection: str, data_path: str | None) -> list[Task]:
         raise DataError(f"task {selection}: the local MMLU data has no questions for {len(missing)} of its "
                         f"{len(subjects)} subjects ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
                         f"a partial MMLU is not MMLU: ask for mmlu_<subject> tasks instead")
-    return [_task(MMLU, MMLU.subtask_prefix + s, by_subject[s], s, mmlu_groups(selection, s)) for s in subjects]
+    return [_task(MMLU, MMLU.subtask_prefix + s, by_subject[s], s, mmlu_groups(selection, s),
+                  fewshot_rows=dev.get(s)) for s in subjects]
 
 
-def load_benchmark(name: str, data_path: str | None = None) -> list[Task]:
-    """The tasks of a benchmark task name, from ``data_path`` when given (else data dir / hub)."""
+def load_benchmark(name: str, data_path: str | None = None, num_fewshot: int = 0,
+                   fewshot_data: str | None = None) -> list[Task]:
+    """The tasks of a benchmark task name, from ``data_path`` when given (else data dir / hub);
+    ``num_fewshot > 0`` (the MMLU family) also loads each subject's dev rows, from ``fewshot_data``
+    when given."""
     if name == "wmdp_bio":
         return load_single(WMDP_BIO, name, data_path)
     if name == "wmdp_bio_robust":
@@ -246,7 +295,7 @@ def load_benchmark(name: str, data_path: str | None = None) -> list[Task]:
     if name == "wmdp_bio_cloze_verified":
         return load_single(WMDP_BIO_CLOZE, name, data_path, description=CLOZE_VERIFIED_DESCRIPTION)
     if name == "mmlu" or name.startswith("mmlu_"):
-        return load_mmlu(name, data_path)
+        return load_mmlu(name, data_path, num_fewshot, fewshot_data)
     raise UserError(f"tasks: {name!r} is not a benchmark; known: {', '.join(BENCHMARK_TASKS)}")
 
 
@@ -256,12 +305,14 @@ BENCHMARK_TASKS = ("wmdp_bio", "wmdp_bio_robust", "wmdp_bio_cloze", "wmdp_bio_cl
 
 def _loader(name: str):
     def load(options: TaskOptions) -> list[Task]:
-        return load_benchmark(name, getattr(options, "data_path", None))
+        return load_benchmark(name, getattr(options, "data_path", None),
+                              num_fewshot=int(options.context.get("num_fewshot") or 0),
+                              fewshot_data=options.context.get("fewshot_data"))
     return load
 
 
 for _name in BENCHMARK_TASKS:
-    register_task(_name, _loader(_name))
+    register_task(_name, _loader(_name), fewshot=_name == "mmlu" or _name.startswith("mmlu_"))
 
 
 def benchmarks() -> dict[str, Benchmark]:

@@ -17,6 +17,10 @@ Groups (``Task.groups``) aggregate their leaf tasks as lm-eval does with ``weigh
 
 The letter format takes one forward pass per question when each of " A".." D" is one token
 (``fast_letter``); the log-likelihoods equal the general path's.
+
+``num_fewshot=k`` puts the first k examples of each task's few-shot pool (``Task.fewshot``; MMLU:
+the subject's dev rows) between the description and the question, as lm-eval does; contexts longer
+than the model are cut from the left in scoring (``scoring.loglikelihood_tokens``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from unlearning.evaluation.scoring import (
     model_max_length,
     next_token_loglikelihoods,
 )
-from unlearning.evaluation.tasks import Task, get_tasks
+from unlearning.evaluation.tasks import Task, check_fewshot_pool, get_tasks
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +152,25 @@ def _score_requests(model, tokenizer, prompts: list[tuple[Task, str, list[str]]]
 def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, batch_size: int = 32,
              device=None, log_samples: bool = False, limit: int | None = None,
              task_context: dict[str, Any] | None = None, add_bos_token: bool | None = None, max_length: int | None = None,
-             mixed_precision: bool | None = None, fast_letter: bool = True) -> dict[str, dict[str, Any]]:
+             mixed_precision: bool | None = None, fast_letter: bool = True,
+             num_fewshot: int = 0) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on ``tasks`` (Task objects or names); returns task -> metric -> value.
 
     ``limit`` keeps the first N questions of each task (lm-eval's ``--limit``). With
     ``log_samples`` each task also has ``"samples"``: one record per question. ``add_bos_token``
     ``None`` is lm-eval's default for the tokenizer; ``max_length`` ``None`` is the model's.
     Task names resolve through the registry with ``task_context`` (see ``get_tasks``).
+    ``num_fewshot`` shows each question after the first k examples of its task's few-shot pool
+    (tasks given as objects must have been loaded with ``num_fewshot``); each task's results then
+    carry ``num_fewshot``.
     """
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot: must be at least 0, got {num_fewshot}")
     if isinstance(tasks, str) or any(isinstance(t, str) for t in tasks):
-        tasks = get_tasks(tasks, **(task_context or {}))  # type: ignore[arg-type]
+        tasks = get_tasks(tasks, **{"num_fewshot": num_fewshot, **(task_context or {})})  # type: ignore[arg-type]
     tasks = list(tasks)
+    for task in tasks:
+        check_fewshot_pool(task, num_fewshot)
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be at least 1, got {limit}")
     limit_len = max_length or model_max_length(model, tokenizer)
@@ -167,9 +179,10 @@ def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, b
     owners: list[tuple[int, int]] = []  # (task index, question index) of each prompt
     for t, task in enumerate(tasks):
         questions = task.questions[:limit] if limit else task.questions
+        examples = (task.fewshot or [])[:num_fewshot]  # lm-eval's first_n: the same k for every question
         for k, q in enumerate(questions):
             ctx, conts = build_prompt(task.format, q.question, q.choices, q.subject or task.subject,
-                                      task.description)
+                                      task.description, fewshot=examples)
             prompts.append((task, ctx, conts))
             owners.append((t, k))
     log.info("evaluating %d questions in %d tasks", len(prompts), len(tasks))
@@ -189,6 +202,8 @@ def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, b
     results: dict[str, dict[str, Any]] = {}
     for task, scored in zip(tasks, per_task):
         entry: dict[str, Any] = {"format": task.format, **summarize([s for _, s, _, _ in scored], task.format)}
+        if num_fewshot:
+            entry["num_fewshot"] = num_fewshot
         attributes = sorted({q.attribute for q, _, _, _ in scored if q.attribute is not None})
         entry["by_attribute"] = {
             attr: {k: v for k, v in summarize([s for q, s, _, _ in scored if q.attribute == attr],

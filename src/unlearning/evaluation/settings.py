@@ -23,8 +23,18 @@ class EvalSettings:
     add_bos_token: bool | None = param(None, help="prepend BOS (unset: lm-eval's default for the tokenizer)")
     max_length: int | None = param(None, min=2, help="context limit in tokens (unset: the model's)")
     mixed_precision: bool | None = param(None, help="bf16 autocast (unset: on for an fp32 model on a GPU)")
+    num_fewshot: int = param(0, min=0, help="solved examples before each question, as lm-eval 0.4.13 "
+                                            "(MMLU family only: the subject's first k dev rows)")
+    fewshot_data: str | None = param(None, help="the dev rows few-shot examples come from (MMLU columns: "
+                                                "question, subject, choices, answer); needed when the "
+                                                "questions are a local file (unset: the hub's dev split)")
 
     def evaluate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`unlearning.evaluation.evaluate` these settings fix."""
         return {"batch_size": self.batch_size, "limit": self.limit, "add_bos_token": self.add_bos_token,
-                "max_length": self.max_length, "mixed_precision": self.mixed_precision}
+                "max_length": self.max_length, "mixed_precision": self.mixed_precision,
+                "num_fewshot": self.num_fewshot}
+
+    def task_context(self) -> dict[str, Any]:
+        """What :func:`unlearning.tasks.get_tasks` needs of these settings (the few-shot pool)."""
+        return {"num_fewshot": self.num_fewshot, "fewshot_data": self.fewshot_data}

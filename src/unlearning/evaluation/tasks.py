@@ -10,6 +10,11 @@ Named tasks register themselves with :func:`register_task`: the real benchmarks 
 This module imports none of them (they import it); ``unlearning.tasks`` imports them all and is
 what commands use. A loader returns one task or several; tasks sharing a name in
 ``Task.groups`` are aggregated as a group (see ``evaluate``).
+
+Few-shot: a task registered with ``fewshot=True`` (the MMLU family) fills ``Task.fewshot``, its
+pool of solved examples, when the context asks for ``num_fewshot > 0``; :func:`get_tasks` rejects
+``num_fewshot > 0`` for any other task before loading anything, and a pool smaller than
+``num_fewshot`` once loaded.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Task:
 
     ``description`` replaces the format's default header (letter: the subject line; cloze: none).
     ``groups`` names the groups this task is aggregated into (e.g. ``("mmlu_stem", "mmlu")``).
+    ``fewshot`` is the pool of solved examples, in order (MMLU: the subject's dev rows); a
+    ``k``-shot evaluation shows its first ``k``. ``None``: not loaded, or the task has none.
     """
 
     name: str
@@ -57,6 +64,7 @@ class Task:
     subject: str = ""
     description: str | None = None
     groups: tuple[str, ...] = ()
+    fewshot: list[MCQuestion] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -66,6 +74,8 @@ class Task:
             raise DataError(f"task {self.name}: no questions")
         for q in self.questions:
             _check_question(q, self.format, where=f"task {self.name}, question {q.id!r}")
+        for q in self.fewshot or ():
+            _check_question(q, self.format, where=f"task {self.name}, few-shot example {q.id!r}")
         self.groups = tuple(self.groups)
 
 
@@ -82,12 +92,17 @@ class TaskOptions:
 
 TaskLoader = Callable[[TaskOptions], "Task | list[Task]"]
 TASKS: dict[str, TaskLoader] = {}
+FEWSHOT_TASKS: set[str] = set()  # registered names whose loader fills Task.fewshot (lm-eval's way)
 
 
-def register_task(name: str, loader: TaskLoader | None = None) -> Any:
-    """Register ``loader`` under ``name``; usable as ``@register_task("wmdp_bio")``."""
+def register_task(name: str, loader: TaskLoader | None = None, *, fewshot: bool = False) -> Any:
+    """Register ``loader`` under ``name``; usable as ``@register_task("wmdp_bio")``.
+
+    ``fewshot=True`` declares that the loader fills ``Task.fewshot`` when
+    ``options.context["num_fewshot"] > 0``, exactly as lm-eval picks that task's examples."""
     def add(fn: TaskLoader) -> TaskLoader:
         TASKS[name] = fn
+        (FEWSHOT_TASKS.add if fewshot else FEWSHOT_TASKS.discard)(name)
         return fn
     return add(loader) if loader is not None else add
 
@@ -198,6 +213,38 @@ def _merge(tasks: list[Task]) -> list[Task]:
     return list(by_name.values())
 
 
+def fewshot_families() -> str:
+    """The few-shot task names, a large family shown as one entry (for error messages)."""
+    roots = sorted({n.split("_", 1)[0] for n in FEWSHOT_TASKS})
+    return ", ".join(f"{r}, {r}_*" if r in FEWSHOT_TASKS else f"{r}_*" for r in roots) or "none registered"
+
+
+def check_fewshot_names(names: Sequence[str], num_fewshot: int) -> None:
+    """``num_fewshot > 0`` is only for tasks with lm-eval's few-shot form: checked by name, before
+    any data is read."""
+    if num_fewshot <= 0:
+        return
+    for name in names:
+        registered = name.partition("=")[0]
+        if registered not in FEWSHOT_TASKS:
+            raise UserError(f"num_fewshot: {num_fewshot} is set, but task {name!r} has no few-shot form "
+                            f"matching lm-eval's (only {fewshot_families()}); set num_fewshot 0 or "
+                            f"evaluate it in a separate command")
+
+
+def check_fewshot_pool(task: Task, num_fewshot: int) -> None:
+    """The task holds at least ``num_fewshot`` examples (lm-eval stops there too)."""
+    if num_fewshot <= 0:
+        return
+    if task.fewshot is None:
+        raise UserError(f"num_fewshot: task {task.name} has no few-shot examples loaded; load it with "
+                        f"get_tasks(..., num_fewshot={num_fewshot}) (only {fewshot_families()} have them)")
+    if len(task.fewshot) < num_fewshot:
+        raise DataError(f"num_fewshot: task {task.name} has {len(task.fewshot)} few-shot example(s), fewer "
+                        f"than {num_fewshot}; give a fewshot_data file with at least {num_fewshot} dev rows "
+                        f"for it, or lower num_fewshot")
+
+
 def get_tasks(names: str | Sequence[str], **context: Any) -> list[Task]:
     """Resolve task names (comma-separated string or list) into tasks.
 
@@ -205,9 +252,12 @@ def get_tasks(names: str | Sequence[str], **context: Any) -> list[Task]:
     ``.json/.jsonl/.parquet`` path (optionally ``:cloze``) a task of its own. ``context`` reaches
     every loader as ``TaskOptions.context`` (e.g. which model family's cache a plugin's tasks
     read); loaders ignore keys they do not use. Only registered tasks are known: import
-    ``unlearning.tasks`` for the complete registry.
+    ``unlearning.tasks`` for the complete registry. ``num_fewshot=k`` (context) loads each task's
+    few-shot pool and is refused for tasks without one (see :func:`check_fewshot_names`).
     """
     tasks: list[Task] = []
+    num_fewshot = int(context.get("num_fewshot") or 0)
+    check_fewshot_names(split_task_names(names), num_fewshot)
     for name in split_task_names(names):
         registered, _, data_path = name.partition("=")
         if registered in TASKS:
@@ -224,4 +274,6 @@ def get_tasks(names: str | Sequence[str], **context: Any) -> list[Task]:
                             f"(add :cloze for the question format)")
     if not tasks:
         raise UserError(f"tasks: no task named; give one or more of: {known_tasks_summary()}")
+    for task in tasks:
+        check_fewshot_pool(task, num_fewshot)
     return _merge(tasks)

@@ -180,47 +180,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, workload: str, shape: dict, device, dtype, steps: int, warmup: int) -> dict:
+def measure(fn, workload: str, shape: dict, device, dtype, steps: int, warmup: int, flops: bool) -> dict:
+    """One run of ``warmup + steps`` timed steps, then (with ``flops``) one step under PyTorch's FLOP
+    counter (matmuls and attention as executed, backward and optimizer included)."""
+    from torch.utils.flop_counter import FlopCounterMode
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     stamps: list[float] = []
+    counter = FlopCounterMode(display=False)
+    timed_until = warmup + steps + 1  # stamps: one per finished step, the first step has no start stamp
 
     def on_step():
-        _sync(device)
+        _sync(device)  # the step's kernels are done: this is a CPU-GPU sync point, outside the timed work
         stamps.append(time.perf_counter())
+        if flops and len(stamps) == timed_until:
+            counter.__enter__()  # counts the next step, which is not timed
+        elif flops and len(stamps) == timed_until + 1:
+            counter.__exit__(None, None, None)
     start = time.perf_counter()
-    fn(workload, shape, device, dtype, warmup + steps + 1, on_step)
+    fn(workload, shape, device, dtype, timed_until + (1 if flops else 0), on_step)
     wall = time.perf_counter() - start
-    per_step = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+    per_step = [b - a for a, b in zip(stamps[warmup:timed_until - 1], stamps[warmup + 1:timed_until])]
     ms = 1000 * statistics.median(per_step)
     tokens = 2 * shape["batch"] * shape["seq"]  # forget + retain
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"ms_per_step": round(ms, 1), "tokens_per_s": round(tokens / ms * 1000), "peak_gib": peak and round(peak, 2),
-            "steps_timed": len(per_step), "wall_s": round(wall, 1)}
-
-
-def count_flops(fn, workload, shape, device, dtype) -> float:
-    """FLOPs of one optimizer step as executed (matmuls and attention), by PyTorch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    counter = FlopCounterMode(display=False)
-    counts: list[int] = []
-    # count the second step only (the first builds optimizer state): enter the counter from the hook
-    state = {"n": 0}
-
-    def on_step():
-        state["n"] += 1
-        if state["n"] == 1:
-            counter.__enter__()
-        elif state["n"] == 2:
-            counter.__exit__(None, None, None)
-            counts.append(counter.get_total_flops())
-    fn(workload, shape, device, dtype, 2, on_step)
-    return float(counts[0])
+    out = {"ms_per_step": round(ms, 1), "tokens_per_s": round(tokens / ms * 1000),
+           "peak_gib": peak and round(peak, 2), "steps_timed": len(per_step), "wall_s": round(wall, 1)}
+    if flops:
+        out["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads.split(","):
         row = {"workload": workload}
         for design, fn in (("project", project_run), ("reference", reference_run)):
-            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup)
+            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup, flops=not args.no_flops)
             if not args.no_flops:
-                m["tflop_per_step"] = round(count_flops(fn, workload, shape, device, dtype) / 1e12, 2)
                 if peak:
                     m["mfu"] = round(m["tflop_per_step"] / (m["ms_per_step"] / 1000) / peak, 3)
             row[design] = m

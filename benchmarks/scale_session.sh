@@ -33,8 +33,8 @@ if [[ $parts == *commands* ]]; then
   [[ -d /tmp/neox ]] || python3 benchmarks/lmeval_reference.py --random-neox --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --limit 1 >/dev/null
   for t in "wmdp_bio=/tmp/wmdp.parquet" "mmlu=$MMLU"; do
     stamp "project command $t"
-    s=$(date +%s.%N); python3 -m unlearning.cli eval --model /tmp/neox --tasks "$t" --dtype bf16 --batch-size 32 \
-      --output-dir /tmp/ev-$RANDOM 2>&1 | tail -4; echo "project_command_s $t $(echo "$(date +%s.%N) - $s" | bc)"
+    s=$(date +%s%N); python3 -m unlearning.cli eval --model /tmp/neox --tasks "$t" --dtype bf16 --batch-size 32 \
+      --output-dir /tmp/ev-$RANDOM 2>&1 | tail -4; echo "project_command_s $t $(( ($(date +%s%N) - s) / 1000000 )) ms"
   done
   stamp "lm-eval commands"
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --batch-size auto \

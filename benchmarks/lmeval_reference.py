@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"lm_eval": check_lm_eval(), "torch": torch.__version__,
                               "transformers": transformers.__version__, "device": args.device,
                               "dtype": args.dtype, "tasks": args.tasks, "num_fewshot": args.num_fewshot}
+    from importlib.metadata import version
+    # carried with --no-deps: datasets 5.2.0 wants pyarrow >= 24 and fsspec 2023.1-2026.9 (see the report)
+    report["versions"] = {name: version(name) for name in ("datasets", "pyarrow", "fsspec", "huggingface-hub")}
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         report["device_name"] = torch.cuda.get_device_name()
     # dev rows load whenever given, so lm-eval's MMLU tasks read a dev split as they do on the hub

@@ -27,13 +27,13 @@ On the GPU machine lm-eval is not installed; carry the wheels (docs in benchmark
 
 Command line (prints one JSON object and writes it to ``--out``)::
 
-    python3 benchmarks/lmeval_reference.py (--model DIR | --random-neox 6.9b) \\
+    python3 benchmarks/lmeval_reference.py --model DIR [--random-neox [--shape 6.9b|tiny]] \\
         --tasks mmlu=test.parquet[,wmdp_bio=wmdp.parquet] [--fewshot-data dev.parquet] [--num-fewshot K] \\
         [--batch-size auto N ...] [--compare] [--command] [--limit N] [--dtype bfloat16|float32] [--out F]
 
-``--random-neox SHAPE`` builds issue 18's random-weight GPT-NeoX (``6.9b``; ``tiny`` for a check) with
-the GPT-NeoX-20B tokenizer of the real data in memory (with ``--command`` also saved to ``--model``
-for lm-eval's command to load). ``--compare`` also runs the project's ``evaluate`` on the same
+``--random-neox`` builds issue 18's random-weight GPT-NeoX (``--shape 6.9b``; ``tiny`` for a check)
+with the GPT-NeoX-20B tokenizer of the real data, saves it to ``--model`` (for later calls and
+lm-eval's command) and scores the one in memory. ``--compare`` also runs the project's ``evaluate`` on the same
 questions and reports, per lm-eval batch size, the share of identical predictions and the largest
 log-likelihood difference. ``--fewshot-data`` gives lm-eval's MMLU tasks their dev split, as on the hub
 (it is read at set-up even zero-shot).
@@ -299,15 +299,25 @@ def random_neox(shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat1
     return model.eval(), realdata.load_tokenizer()
 
 
+def save_random_neox(folder: str | Path, shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16",
+                     seed: int = 0):
+    """:func:`random_neox`, saved to ``folder`` (HF layout, tokenizer included); returns (model, tokenizer)."""
+    model, tokenizer = random_neox(shape, device=device, dtype=dtype, seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a model folder (HF layout, tokenizer included); with "
-                                                      "--random-neox and --command, where the random one is saved")
-    parser.add_argument("--random-neox", default=None, choices=tuple(NEOX_SHAPES),
-                        help="a random GPT-NeoX of this shape instead of loading --model")
+    parser.add_argument("--model", required=True, help="a model folder (HF layout, tokenizer included); with "
+                                                       "--random-neox, where the random one is saved")
+    parser.add_argument("--random-neox", action="store_true",
+                        help="build a random GPT-NeoX of --shape, save it to --model and score it (not reloaded)")
+    parser.add_argument("--shape", default="6.9b", choices=tuple(NEOX_SHAPES))
     parser.add_argument("--tasks", required=True, help="our task names, e.g. mmlu=test.parquet,wmdp_bio=wmdp.parquet")
     parser.add_argument("--fewshot-data", default=None, help="MMLU dev rows: lm-eval's tasks get their dev split")
     parser.add_argument("--num-fewshot", type=int, default=0)
@@ -322,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--our-batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    if args.model is None and (args.command or not args.random_neox):
-        parser.error("--model DIR is needed (to load, or for --command to read)")
 
     import dataclasses
 
@@ -349,11 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     if args.random_neox:
-        model, tokenizer = random_neox(args.random_neox, device=args.device, dtype=args.dtype)
-        report["model"] = f"random GPT-NeoX {args.random_neox}"
-        if args.command:
-            model.save_pretrained(args.model)
-            tokenizer.save_pretrained(args.model)
+        model, tokenizer = save_random_neox(args.model, args.shape, device=args.device, dtype=args.dtype)
+        report["model"] = f"random GPT-NeoX {args.shape}, saved to {args.model}"
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
         model = model.to(args.device).eval()
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    num_fewshot=args.num_fewshot)
                 report["ours"] = {"evaluate_s": round(seconds, 3), "batch_size": args.our_batch_size}
             report["in_process"][bs]["vs_ours"] = compare(ours, scores)
+            report["ours"].update(compare(ours, scores))  # against the last batch size, as before
         print(json.dumps({f"lm-eval scoring, batch {bs}": report["in_process"][bs]}), flush=True)
     if args.command:
         del model

@@ -99,6 +99,21 @@ def test_the_script_reports_lm_evals_scoring_against_ours(setup, tmp_path):
         assert timing["vs_ours"]["same_predictions"] == 1.0 and timing["vs_ours"]["max_abs_ll_diff"] < 1e-4
 
 
+def test_the_script_saves_and_scores_a_random_neox(setup, tmp_path):
+    """benchmarks/scale_session.sh's first call: ``--random-neox`` saves the model for the later calls."""
+    from unlearning.data import real as realdata
+    if not realdata.ensure():
+        pytest.skip(realdata.skip_reason())
+    out = tmp_path / "reference.json"
+    assert ref.main(["--random-neox", "--shape", "tiny", "--model", str(tmp_path / "neox"), "--tasks",
+                     f"wmdp_bio={setup['files']['wmdp']}", "--batch-size", "4", "--compare", "--device", "cpu",
+                     "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (tmp_path / "neox" / "config.json").is_file() and (tmp_path / "neox" / "tokenizer.json").is_file()
+    assert report["ours"]["same_predictions"] == 1.0 and report["ours"]["max_abs_ll_diff"] < 1e-4
+    assert report["in_process"]["4"]["vs_ours"]["questions"] == 8
+
+
 @pytest.mark.slow  # lm-eval's command line indexes every task it ships: about 15 s of CPU
 def test_the_whole_command_runs_offline_on_the_task_files(setup):
     folder, tmp = setup["tmp"] / "tasks", setup["tmp"]

@@ -27,12 +27,16 @@ On the GPU machine lm-eval is not installed; carry the wheels (docs in benchmark
 
 Command line (prints one JSON object and writes it to ``--out``)::
 
-    python3 benchmarks/lmeval_reference.py --model DIR --tasks mmlu=test.parquet[,wmdp_bio=wmdp.parquet] \\
-        [--batch-size auto|N ...] [--command] [--compare] [--limit N] [--dtype bfloat16|float32]
+    python3 benchmarks/lmeval_reference.py --model DIR [--random-neox [--shape 6.9b|tiny]] \\
+        --tasks mmlu=test.parquet[,wmdp_bio=wmdp.parquet] [--fewshot-data dev.parquet] [--num-fewshot K] \\
+        [--batch-size auto N ...] [--compare] [--command] [--limit N] [--dtype bfloat16|float32] [--out F]
 
-``--compare`` also runs the project's ``evaluate`` on the same questions and reports the share of
-identical predictions and the largest log-likelihood difference. ``--random-neox DIR`` first saves a
-random-weight GPT-NeoX (``--shape 6.9b`` or ``tiny``) with the GPT-NeoX-20B tokenizer there.
+``--random-neox`` builds issue 18's random-weight GPT-NeoX (``--shape 6.9b``; ``tiny`` for a check)
+with the GPT-NeoX-20B tokenizer of the real data, saves it to ``--model`` (for later calls and
+lm-eval's command) and scores the one in memory. ``--compare`` also runs the project's ``evaluate`` on the same
+questions and reports, per lm-eval batch size, the share of identical predictions and the largest
+log-likelihood difference. ``--fewshot-data`` gives lm-eval's MMLU tasks their dev split, as on the hub
+(it is read at set-up even zero-shot).
 """
 
 from __future__ import annotations
@@ -276,30 +280,32 @@ def time_lmeval_command(model_dir: str | Path, include_path: str | Path, tasks: 
 
 
 # ---------------------------------------------------------------------------------------------
-# a random model folder (issue 18's shape) for the command
+# a random model (issue 18's shape): in memory, or saved as a folder for the command
 
 
-def save_random_neox(folder: str | Path, shape: str = "6.9b", tokenizer_dir: str | Path | None = None,
-                     device: str = "cuda", dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """A random-weight GPT-NeoX of ``shape`` with the GPT-NeoX-20B tokenizer, saved to ``folder``."""
+def random_neox(shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16", seed: int = 0):
+    """A random-weight GPT-NeoX of ``shape`` (built on ``device``) and the GPT-NeoX-20B tokenizer."""
     import torch
     import transformers
 
     from unlearning.data import real as realdata
 
-    folder = Path(folder)
-    tokenizer = (transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir
-                 else realdata.load_tokenizer())
     config = transformers.GPTNeoXConfig(vocab_size=50304, rotary_pct=0.25, use_parallel_residual=True,
                                         tie_word_embeddings=False, max_position_embeddings=2048,
                                         bos_token_id=0, eos_token_id=0, **NEOX_SHAPES[shape])
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, dtype))
+    return model.eval(), realdata.load_tokenizer()
+
+
+def save_random_neox(folder: str | Path, shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16",
+                     seed: int = 0):
+    """:func:`random_neox`, saved to ``folder`` (HF layout, tokenizer included); returns (model, tokenizer)."""
+    model, tokenizer = random_neox(shape, device=device, dtype=dtype, seed=seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    del model
-    return folder
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +313,11 @@ def save_random_neox(folder: str | Path, shape: str = "6.9b", tokenizer_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a model folder (HF layout, tokenizer included)")
+    parser.add_argument("--model", required=True, help="a model folder (HF layout, tokenizer included); with "
+                                                       "--random-neox, where the random one is saved")
+    parser.add_argument("--random-neox", action="store_true",
+                        help="build a random GPT-NeoX of --shape, save it to --model and score it (not reloaded)")
+    parser.add_argument("--shape", default="6.9b", choices=tuple(NEOX_SHAPES))
     parser.add_argument("--tasks", required=True, help="our task names, e.g. mmlu=test.parquet,wmdp_bio=wmdp.parquet")
     parser.add_argument("--fewshot-data", default=None, help="MMLU dev rows: lm-eval's tasks get their dev split")
     parser.add_argument("--num-fewshot", type=int, default=0)
@@ -315,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each task")
+    parser.add_argument("--no-in-process", dest="in_process", action="store_false",
+                        help="skip the in-process scoring (time the command alone)")
     parser.add_argument("--command", action="store_true", help="also time lm-eval's whole command")
     parser.add_argument("--compare", action="store_true", help="also run ours and compare")
     parser.add_argument("--our-batch-size", type=int, default=32)
-    parser.add_argument("--random-neox", action="store_true", help="first save a random GPT-NeoX to --model")
-    parser.add_argument("--shape", default="6.9b", choices=tuple(NEOX_SHAPES))
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -332,13 +342,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {"lm_eval": check_lm_eval(), "torch": torch.__version__,
                               "transformers": transformers.__version__, "device": args.device,
-                              "dtype": args.dtype}
+                              "dtype": args.dtype, "tasks": args.tasks, "num_fewshot": args.num_fewshot}
+    from importlib.metadata import version
+    # carried with --no-deps: datasets 5.2.0 wants pyarrow >= 24 and fsspec 2023.1-2026.9 (see the report)
+    report["versions"] = {name: version(name) for name in ("datasets", "pyarrow", "fsspec", "huggingface-hub")}
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         report["device_name"] = torch.cuda.get_device_name()
-    if args.random_neox:
-        start = time.perf_counter()
-        save_random_neox(args.model, args.shape, device=args.device, dtype=args.dtype)
-        report["save_random_neox_s"] = round(time.perf_counter() - start, 1)
     # dev rows load whenever given, so lm-eval's MMLU tasks read a dev split as they do on the hub
     load_k = max(args.num_fewshot, 1) if args.fewshot_data else 0
     tasks = get_tasks(args.tasks, num_fewshot=load_k, fewshot_data=args.fewshot_data)
@@ -347,25 +356,33 @@ def main(argv: list[str] | None = None) -> int:
     report["questions"] = sum(len(t.questions) for t in tasks)
 
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
-    model = model.to(args.device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    if args.random_neox:
+        model, tokenizer = save_random_neox(args.model, args.shape, device=args.device, dtype=args.dtype)
+        report["model"] = f"random GPT-NeoX {args.shape}, saved to {args.model}"
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+        model = model.to(args.device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        report["model"] = args.model
     report["load_s"] = round(time.perf_counter() - start, 1)
 
     report["in_process"] = {}
-    for bs in args.batch_size:
+    for bs in args.batch_size if args.in_process else []:
         scores = lmeval_scores(model, tokenizer, tasks, batch_size=bs if bs.startswith("auto") else int(bs),
                                num_fewshot=args.num_fewshot)
         report["in_process"][bs] = scores.summary()
-        print(json.dumps({f"lm-eval scoring, batch {bs}": scores.summary()}), flush=True)
-    if args.compare:
-        ours, seconds = our_loglikelihoods(model, tokenizer, tasks, batch_size=args.our_batch_size,
-                                           num_fewshot=args.num_fewshot)
-        report["ours"] = {"evaluate_s": round(seconds, 3), "batch_size": args.our_batch_size,
-                          **compare(ours, scores)}
+        if args.compare:
+            if "ours" not in report:
+                ours, seconds = our_loglikelihoods(model, tokenizer, tasks, batch_size=args.our_batch_size,
+                                                   num_fewshot=args.num_fewshot)
+                report["ours"] = {"evaluate_s": round(seconds, 3), "batch_size": args.our_batch_size}
+            report["in_process"][bs]["vs_ours"] = compare(ours, scores)
+            report["ours"].update(compare(ours, scores))  # against the last batch size, as before
+        print(json.dumps({f"lm-eval scoring, batch {bs}": report["in_process"][bs]}), flush=True)
     if args.command:
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         with tempfile.TemporaryDirectory() as tmp:
             write_lmeval_tasks(tmp, tasks)
             report["command"] = {}
@@ -374,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                                             device=args.device, num_fewshot=args.num_fewshot or None)
                 report["command"][bs] = {"seconds": round(timed["seconds"], 1), "acc": timed["acc"].get("ref_all"),
                                          "argv": " ".join(timed["argv"])}
+                print(json.dumps({f"lm-eval command, batch {bs}": report["command"][bs]}), flush=True)
     print(json.dumps(report, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ size, zero- and 2-shot; and lm-eval's whole command runs offline on those task f
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -49,7 +50,10 @@ def setup(tmp_path_factory):
     model = make_model(len(tokenizer), seed=3)  # a seed whose predictions vary from question to question
     zero = get_tasks([f"wmdp_bio={wmdp}", f"mmlu_anatomy={mmlu}", f"mmlu_virology={mmlu}"])
     two = get_tasks([f"mmlu_anatomy={mmlu}", f"mmlu_virology={mmlu}"], num_fewshot=2, fewshot_data=str(dev))
-    return {"tmp": tmp, "model": model, "tokenizer": tokenizer, "zero": zero, "two": two}
+    model.save_pretrained(tmp / "model")  # for the command line
+    tokenizer.save_pretrained(tmp / "model")
+    return {"tmp": tmp, "model": model, "tokenizer": tokenizer, "zero": zero, "two": two,
+            "files": {"wmdp": wmdp, "mmlu": mmlu, "dev": dev}}
 
 
 def ours(setup, tasks, num_fewshot):
@@ -81,13 +85,40 @@ def test_plain_questions_are_grouped_by_subject(setup):
     assert wmdp.prompts == [s["prompt"] for s in ours(setup, setup["zero"][:1], 0)]
 
 
+def test_the_script_reports_lm_evals_scoring_against_ours(setup, tmp_path):
+    f = setup["files"]
+    out = tmp_path / "reference.json"
+    assert ref.main(["--model", str(setup["tmp"] / "model"), "--tasks", f"mmlu_anatomy={f['mmlu']}",
+                     "--fewshot-data", str(f["dev"]), "--num-fewshot", "2", "--batch-size", "auto", "2",
+                     "--compare", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["questions"] == 5 and report["lm_eval"] == "0.4.13" and report["num_fewshot"] == 2
+    for bs in ("auto", "2"):
+        timing = report["in_process"][bs]
+        assert timing["requests"] == 20 and timing["scoring_s"] > 0
+        assert timing["vs_ours"]["same_predictions"] == 1.0 and timing["vs_ours"]["max_abs_ll_diff"] < 1e-4
+
+
+def test_the_script_saves_and_scores_a_random_neox(setup, tmp_path):
+    """benchmarks/scale_session.sh's first call: ``--random-neox`` saves the model for the later calls."""
+    from unlearning.data import real as realdata
+    if not realdata.ensure():
+        pytest.skip(realdata.skip_reason())
+    out = tmp_path / "reference.json"
+    assert ref.main(["--random-neox", "--shape", "tiny", "--model", str(tmp_path / "neox"), "--tasks",
+                     f"wmdp_bio={setup['files']['wmdp']}", "--batch-size", "4", "--compare", "--device", "cpu",
+                     "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (tmp_path / "neox" / "config.json").is_file() and (tmp_path / "neox" / "tokenizer.json").is_file()
+    assert report["ours"]["same_predictions"] == 1.0 and report["ours"]["max_abs_ll_diff"] < 1e-4
+    assert report["in_process"]["4"]["vs_ours"]["questions"] == 8
+
+
 @pytest.mark.slow  # lm-eval's command line indexes every task it ships: about 15 s of CPU
 def test_the_whole_command_runs_offline_on_the_task_files(setup):
     folder, tmp = setup["tmp"] / "tasks", setup["tmp"]
     names = ref.write_lmeval_tasks(folder, setup["zero"])
     assert names == ["ref_wmdp_bio", "ref_mmlu_anatomy", "ref_mmlu_virology"]
-    setup["model"].save_pretrained(tmp / "model")
-    setup["tokenizer"].save_pretrained(tmp / "model")
     timed = ref.time_lmeval_command(tmp / "model", folder, ["ref_all"], batch_size="4", dtype="float32",
                                     device="cpu", timeout=600)
     mine = evaluate(setup["model"], setup["tokenizer"], setup["zero"])

@@ -236,8 +236,9 @@ def our_loglikelihoods(model, tokenizer, tasks: Sequence[Task], *, batch_size: i
     from unlearning.evaluation import evaluate
     _sync(model)
     start = time.perf_counter()
+    # the weights' own precision, as lm-eval computes: no bf16 autocast for an fp32 model
     results = evaluate(model, tokenizer, list(tasks), batch_size=batch_size, log_samples=True,
-                       num_fewshot=num_fewshot, max_length=max_length)
+                       num_fewshot=num_fewshot, max_length=max_length, mixed_precision=False)
     _sync(model)
     seconds = time.perf_counter() - start
     return [s["loglikelihoods"] for t in tasks for s in results[t.name]["samples"]], seconds

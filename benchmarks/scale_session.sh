@@ -25,6 +25,9 @@ if [[ $parts == *eval* ]]; then
   stamp eval-mmlu
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks mmlu=$MMLU \
     --batch-size auto 64 --compare --out "$out/eval_mmlu.json" | tail -40
+fi
+if [[ $parts == *fp32* ]]; then
+  [[ -d /tmp/neox ]] || python3 benchmarks/lmeval_reference.py --random-neox --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --limit 1 >/dev/null
   stamp eval-fp32
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --limit 200 \
     --dtype float32 --batch-size 32 --compare --out "$out/eval_fp32.json" | tail -30
@@ -33,12 +36,14 @@ if [[ $parts == *commands* ]]; then
   [[ -d /tmp/neox ]] || python3 benchmarks/lmeval_reference.py --random-neox --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --limit 1 >/dev/null
   for t in "wmdp_bio=/tmp/wmdp.parquet" "mmlu=$MMLU"; do
     stamp "project command $t"
-    s=$(date +%s%N); python3 -m unlearning.cli eval --model /tmp/neox --tasks "$t" --dtype bf16 --batch-size 32 \
+    s=$(date +%s%N); python3 -m unlearning.cli eval --model /tmp/neox --tasks "$t" --dtype bf16 --batch-size 64 \
       --output-dir /tmp/ev-$RANDOM 2>&1 | tail -4; echo "project_command_s $t $(( ($(date +%s%N) - s) / 1000000 )) ms"
   done
   stamp "lm-eval commands"
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --batch-size auto \
     --command --out "$out/command_wmdp.json" | grep -A3 '"command"'
+fi
+if [[ $parts == *mmlucmd* ]]; then
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks mmlu=$MMLU --batch-size auto \
     --command --out "$out/command_mmlu.json" | grep -A3 '"command"'
 fi

@@ -200,15 +200,25 @@ def measure(fn, workload: str, shape: dict, device, dtype, steps: int, warmup: i
         elif flops and len(stamps) == timed_until + 1:
             counter.__exit__(None, None, None)
     start = time.perf_counter()
-    fn(workload, shape, device, dtype, timed_until + (1 if flops else 0), on_step)
+    oom = None
+    try:
+        fn(workload, shape, device, dtype, timed_until + (1 if flops else 0), on_step)
+    except torch.OutOfMemoryError as e:  # a design that does not fit the GPU is a result, not a crash
+        oom = f"out of memory after {len(stamps)} steps: {str(e).splitlines()[0]}"
+        if counter in torch.utils._python_dispatch._get_current_dispatch_mode_stack():
+            counter.__exit__(None, None, None)
     wall = time.perf_counter() - start
+    if len(stamps) < timed_until:
+        return {"oom": oom, "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)}
     per_step = [b - a for a, b in zip(stamps[warmup:timed_until - 1], stamps[warmup + 1:timed_until])]
     ms = 1000 * statistics.median(per_step)
     tokens = 2 * shape["batch"] * shape["seq"]  # forget + retain
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     out = {"ms_per_step": round(ms, 1), "tokens_per_s": round(tokens / ms * 1000),
            "peak_gib": peak and round(peak, 2), "steps_timed": len(per_step), "wall_s": round(wall, 1)}
-    if flops:
+    if oom:
+        out["oom"] = oom  # in the counted step: the timings stand, the FLOP count does not
+    elif flops:
         out["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 3)
     return out
 
@@ -227,32 +237,33 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     peak = peak_tflops(device)
     rows = []
-    for workload in args.workloads.split(","):
-        row = {"workload": workload}
-        for design, fn in (("project", project_run), ("reference", reference_run)):
-            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup, flops=not args.no_flops)
-            if not args.no_flops:
-                if peak:
-                    m["mfu"] = round(m["tflop_per_step"] / (m["ms_per_step"] / 1000) / peak, 3)
-            row[design] = m
-            print(workload, design, m, flush=True)
-        row["speedup"] = round(row["reference"]["ms_per_step"] / row["project"]["ms_per_step"], 2)
-        if row["project"]["peak_gib"]:
-            row["memory_ratio"] = round(row["project"]["peak_gib"] / row["reference"]["peak_gib"], 2)
-        rows.append(row)
     result = {"benchmark": "scale_train", "shape": args.shape, **{k: v for k, v in shape.items()},
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "bf16_peak_tflops": peak, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, result)
+    for workload in args.workloads.split(","):
+        row = {"workload": workload}
+        for design, fn in (("project", project_run), ("reference", reference_run)):
+            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup, flops=not args.no_flops)
+            if "tflop_per_step" in m:
+                if peak:
+                    m["mfu"] = round(m["tflop_per_step"] / (m["ms_per_step"] / 1000) / peak, 3)
+            row[design] = m
+            print(workload, design, m, flush=True)
+        if "ms_per_step" in row["reference"] and "ms_per_step" in row["project"]:
+            row["speedup"] = round(row["reference"]["ms_per_step"] / row["project"]["ms_per_step"], 2)
+        if row["project"].get("peak_gib") and row["reference"].get("peak_gib"):
+            row["memory_ratio"] = round(row["project"]["peak_gib"] / row["reference"]["peak_gib"], 2)
+        rows.append(row)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, result)  # after each workload: a later failure keeps the rows so far
     print("\n| workload | project ms/step | tokens/s | peak GiB | MFU | reference ms/step | tokens/s | peak GiB | MFU "
           "| speed-up | memory |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p, q = r["project"], r["reference"]
-        print(f"| {r['workload']} | {p['ms_per_step']} | {p['tokens_per_s']} | {p['peak_gib']} | {p.get('mfu')} "
-              f"| {q['ms_per_step']} | {q['tokens_per_s']} | {q['peak_gib']} | {q.get('mfu')} | {r['speedup']}x "
+        print(f"| {r['workload']} | {p.get('ms_per_step')} | {p.get('tokens_per_s')} | {p.get('peak_gib')} | {p.get('mfu')} "
+              f"| {q.get('ms_per_step', q.get('oom'))} | {q.get('tokens_per_s')} | {q.get('peak_gib')} | {q.get('mfu')} | {r.get('speedup')}x "
               f"| {r.get('memory_ratio')}x |")
     return 0
 

@@ -55,16 +55,17 @@ from typing import Any
 
 import yaml
 
-from unlearning.evaluation.prompts import LETTERS, subject_header
-from unlearning.evaluation.tasks import MCQuestion, Task
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared model builder
+
+from random_neox import DIMS_6P9B, build_random_neox  # noqa: E402
+from unlearning.evaluation.prompts import LETTERS, subject_header  # noqa: E402
+from unlearning.evaluation.tasks import MCQuestion, Task  # noqa: E402
 
 LM_EVAL_VERSION = "0.4.13"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # issue 18's model shape (random weights are enough for timing)
-NEOX_SHAPES = {
-    "6.9b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=16384, num_attention_heads=32),
-    "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4),
-}
+NEOX_SHAPES = {"6.9b": DIMS_6P9B,
+               "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)}
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -286,17 +287,9 @@ def time_lmeval_command(model_dir: str | Path, include_path: str | Path, tasks: 
 
 def random_neox(shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16", seed: int = 0):
     """A random-weight GPT-NeoX of ``shape`` (built on ``device``) and the GPT-NeoX-20B tokenizer."""
-    import torch
-    import transformers
-
     from unlearning.data import real as realdata
 
-    config = transformers.GPTNeoXConfig(vocab_size=50304, rotary_pct=0.25, use_parallel_residual=True,
-                                        tie_word_embeddings=False, max_position_embeddings=2048,
-                                        bos_token_id=0, eos_token_id=0, **NEOX_SHAPES[shape])
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, dtype))
+    model = build_random_neox(NEOX_SHAPES[shape], device=device, dtype=dtype, seed=seed)
     return model.eval(), realdata.load_tokenizer()
 
 

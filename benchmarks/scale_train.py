@@ -37,6 +37,9 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared model builder
+
+from random_neox import DIMS_6P9B, build_random_neox  # noqa: E402
 
 from unlearning.core.io import atomic_write_json  # noqa: E402
 from unlearning.data.text import BatchStream, TokenizedData  # noqa: E402
@@ -48,8 +51,7 @@ from unlearning.training.optim import OptimizerConfig  # noqa: E402
 from unlearning.training.trainable import LoraSettings  # noqa: E402
 
 SHAPES = {  # GPT-NeoX 6.9B (deep-ignorance / Pythia-6.9B layout) and a toy with the same code paths
-    "6.9b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=16384, num_attention_heads=32,
-                 vocab_size=50304, seq=1024, batch=4, layer=20, cb_layers=list(range(5, 31))),
+    "6.9b": dict(**DIMS_6P9B, vocab_size=50304, seq=1024, batch=4, layer=20, cb_layers=list(range(5, 31))),
     "tiny": dict(num_hidden_layers=6, hidden_size=64, intermediate_size=256, num_attention_heads=4,
                  vocab_size=50304, seq=64, batch=2, layer=3, cb_layers=[1, 2, 3, 4]),
 }
@@ -59,16 +61,8 @@ FORGET_COEF, RETAIN_COEF = 5.0, 2.0
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    cfg = transformers.GPTNeoXConfig(
-        num_hidden_layers=shape["num_hidden_layers"], hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"], num_attention_heads=shape["num_attention_heads"],
-        vocab_size=shape["vocab_size"], rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
-        max_position_embeddings=2048, attention_dropout=0.0, hidden_dropout=0.0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model.train()
+    dims = {k: shape[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")}
+    return build_random_neox(dims, device=str(device), dtype=str(dtype).removeprefix("torch.")).train()
 
 
 def random_data(shape: dict, seed: int, rows: int = 64) -> TokenizedData:

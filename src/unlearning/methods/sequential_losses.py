@@ -114,12 +114,13 @@ def retain_losses(model: nn.Module, batch: dict[str, Tensor], weights: dict[str,
             shared = forward_until(get_parts(model).model, batch["input_ids"], batch["attention_mask"],
                                    sorted({*[i for i in layers if i < k], k - 1}))
     later = [i for i in layers if i >= k]
-    start = start_at(model, k, shared[k - 1]) if k else contextlib.nullcontext()
-    with start:
+
+    def after_prefix():  # each pass starts at block k from the shared output (a fresh context each time)
+        return start_at(model, k, shared[k - 1]) if k else contextlib.nullcontext()
+    with after_prefix():
         hidden, logits = forward_hidden(model, batch, later, logits=need_logits)
     if "l2" in weights or "kl" in weights:
-        with torch.no_grad(), original_model(model, originals), \
-                (start_at(model, k, shared[k - 1]) if k else contextlib.nullcontext()):
+        with torch.no_grad(), original_model(model, originals), after_prefix():
             hidden0, logits0 = forward_hidden(model, batch, later, logits="kl" in weights)
         if "l2" in weights:
             both = {i: shared[i] for i in layers if i < k}  # equal in the two passes: a difference of 0

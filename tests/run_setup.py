@@ -58,17 +58,18 @@ class Job:
 
 
 def fail_in_second_phase(monkeypatch, exc: BaseException):
-    """Make the sequential method raise ``exc`` in its second layer phase; returns the undo."""
+    """Make the sequential method raise ``exc`` in its second layer phase; returns the undo.
+    (Patches ``loss_stages``, the hook the loop calls.)"""
     from unlearning.methods import sequential as seq
-    original = seq.Sequential.losses
+    original = seq.Sequential.loss_stages
 
-    def losses(self, model, batches, ctx):
+    def loss_stages(self, model, batches, ctx):
         if ctx.phase.index == 1:
             raise exc
         return original(self, model, batches, ctx)
 
-    monkeypatch.setattr(seq.Sequential, "losses", losses)
-    return lambda: monkeypatch.setattr(seq.Sequential, "losses", original)
+    monkeypatch.setattr(seq.Sequential, "loss_stages", loss_stages)
+    return lambda: monkeypatch.setattr(seq.Sequential, "loss_stages", original)
 
 
 def make_local_job(root: Path):

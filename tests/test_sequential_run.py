@@ -43,15 +43,15 @@ def test_run_saves_lora_adapter_and_merged_model_and_logs_every_step(local_job):
 
 
 def test_non_finite_loss_stops_with_step_layer_and_term_and_keeps_the_checkpoint(local_job, monkeypatch, capsys):
-    original = seq.Sequential.losses
+    original = seq.Sequential.loss_stages  # the hook the loop calls
 
     def nan_in_second_phase(self, model, batches, ctx):
-        terms = original(self, model, batches, ctx)
-        if ctx.phase.index == 1:
-            terms.forget["forget"] = terms.forget["forget"] * float("nan")
-        return terms
+        for terms in original(self, model, batches, ctx):
+            if ctx.phase.index == 1 and "forget" in terms.forget:
+                terms.forget["forget"] = terms.forget["forget"] * float("nan")
+            yield terms
 
-    monkeypatch.setattr(seq.Sequential, "losses", nan_in_second_phase)
+    monkeypatch.setattr(seq.Sequential, "loss_stages", nan_in_second_phase)
     from unlearning.cli import main
     import yaml
     cfg_path = local_job.root.parent / "nan.yaml"

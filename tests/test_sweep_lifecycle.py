@@ -32,15 +32,15 @@ def _grid(job: Job):
 
 def _break_row(monkeypatch, coef: float, exc: BaseException):
     """Raise ``exc`` in the second layer phase of the row whose remove_coef is ``coef``."""
-    original = seq.Sequential.losses
+    original = seq.Sequential.loss_stages  # the hook the loop calls
 
-    def losses(self, model, batches, ctx):
+    def loss_stages(self, model, batches, ctx):
         if self.cfg.remove_coef == coef and ctx.phase.index == 1:
             raise exc
         return original(self, model, batches, ctx)
 
-    monkeypatch.setattr(seq.Sequential, "losses", losses)
-    return lambda: monkeypatch.setattr(seq.Sequential, "losses", original)
+    monkeypatch.setattr(seq.Sequential, "loss_stages", loss_stages)
+    return lambda: monkeypatch.setattr(seq.Sequential, "loss_stages", original)
 
 
 def _spy_runs(monkeypatch) -> list[tuple[str, bool]]:

@@ -93,7 +93,9 @@ class Method(abc.ABC):
         """The micro-batch's terms in stages: the loop backpropagates each stage before it asks
         for the next, so one stage's activations are freed before the next stage's forward pass
         runs (the peak holds one stage's graph, not all of them). The stages together must equal
-        :meth:`losses`. Default: one stage."""
+        :meth:`losses`. Default: one stage. The loop calls this hook, not :meth:`losses`: a method
+        that overrides it (sequential, representation) defines ``losses`` as the merge of its
+        stages, so a subclass changes its terms here."""
         yield self.losses(model, batches, ctx)
 
     def end_phase(self, model: nn.Module, phase: Phase) -> None:

@@ -4,11 +4,15 @@
   per training process); the test suite builds it once.
 * ``small``: one GPU. 32 layers, so the notebooks' layer specs (``31->11:4``, ``[5,10,...,30]``)
   apply unchanged; both twins train concurrently on the GPU in about 3 minutes.
+* ``tiny-letter``, ``small-letter``: the same world and model, with multiple-choice exercises in the
+  corpus (``corpus.exercises_per_fact``, ``corpus.reading_per_entity``; see ``corpus.exercise_sections``)
+  and a longer run, so that the organism also answers in the letter format WMDP and MMLU score
+  (``tiny`` and ``small`` are at chance there). Their twins are ``<preset>-filtered`` as for any preset.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unlearning.core.config import from_dict, merge, param, to_dict
@@ -29,6 +33,10 @@ class QualityBars:
     filtered_hazard_max: float = param(0.35, min=0.0, max=1.0)
     filtered_general_gap_max: float | None = param(None, min=0.0, max=1.0,
                                                    help="max |filtered - unfiltered| on general")
+    letter_unfiltered_min: dict[str, float] = param(default_factory=dict,
+                                                    help="domain -> minimum accuracy in the letter format")
+    letter_filtered_hazard_max: float | None = param(None, min=0.0, max=1.0,
+                                                     help="max filtered-twin hazard accuracy, letter format")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,29 @@ PRESETS: dict[str, OrganismConfig] = {
                          filtered_hazard_max=0.30, filtered_general_gap_max=0.03),
     ),
 }
+
+
+def letter_preset(base: str, name: str, *, corpus: dict[str, Any], train: dict[str, Any],
+                  bars: dict[str, Any]) -> OrganismConfig:
+    """``base`` with multiple-choice exercises in its corpus: the same world, tokenizer and model, so
+    the letter preset differs from its base only by what the keys given here change."""
+    cfg = PRESETS[base]
+    return replace(cfg, preset=name, corpus=replace(cfg.corpus, **corpus), train=replace(cfg.train, **train),
+                   bars=replace(cfg.bars, **bars))
+
+
+PRESETS["tiny-letter"] = letter_preset(
+    "tiny", "tiny-letter",
+    corpus=dict(exercises_per_fact=4, reading_per_entity=4),
+    train=dict(),
+    bars=dict(),
+)
+PRESETS["small-letter"] = letter_preset(
+    "small", "small-letter",
+    corpus=dict(exercises_per_fact=4, reading_per_entity=4),
+    train=dict(),
+    bars=dict(letter_unfiltered_min={"hazard": 0.60}, letter_filtered_hazard_max=0.30),
+)
 
 
 def get_preset(name: str, seed: int | None = None, overrides: dict[str, Any] | None = None) -> OrganismConfig:

@@ -21,9 +21,9 @@ from unlearning.organism.world import DOMAIN_SPECS, generate_world
 
 LETTER = PRESETS["tiny-letter"]
 EXERCISE_KINDS = ("exercises", "reading")
-# One MC question as lm-eval lays it out, with the letter after "Answer:" (exercise_sections' format).
+# One MC question as lm-eval lays it out, with its answer after "Answer:": a letter, or the choice's text.
 QUESTION = re.compile(r"(?P<question>[^\n]+)\nA\. (?P<A>[^\n]+)\nB\. (?P<B>[^\n]+)\nC\. (?P<C>[^\n]+)\n"
-                      r"D\. (?P<D>[^\n]+)\nAnswer: (?P<letter>[ABCD])(?=\n\n|$)")
+                      r"D\. (?P<D>[^\n]+)\nAnswer: (?P<answer>[^\n]+)(?=\n\n|$)")
 # sha256 over tiny's data files as the code before the letter presets wrote them: the test suite and
 # the README's figures depend on tiny as it is. Change it only with a change meant to alter tiny.
 TINY_DATA_SHA256 = "e254c5d8e8f2a822d9fe53b43da7f0d68e0f743bc1baa5ecb07be756944181bc"
@@ -66,7 +66,7 @@ def test_letter_presets_change_only_the_corpus_exercises_and_the_run(base):
         assert letter[section] == base_cfg[section], section
     changed = {k for k in base_cfg["corpus"] if letter["corpus"][k] != base_cfg["corpus"][k]}
     assert changed and changed <= {"exercises_per_fact", "exercises_per_section", "reading_per_entity",
-                                   "reading_exercises", "letter_docs_per_fact"}
+                                   "reading_exercises", "text_answer_fraction", "letter_docs_per_fact"}
     assert PRESETS[base].corpus.exercises_per_fact == PRESETS[base].corpus.reading_per_entity == 0
 
 
@@ -96,28 +96,31 @@ def test_exercises_never_ask_about_held_out_entities(world, corpus_dir, exercise
             assert match["question"] not in asked
 
 
-def test_each_exercise_is_lm_evals_prompt_with_the_right_letter(world, exercise_docs):
-    letters = Counter()
+def test_each_exercise_is_lm_evals_prompt_with_the_right_answer(world, exercise_docs):
+    letters, text_answers = Counter(), 0
     for doc in exercise_docs:
         header = subject_header(SUBJECTS[doc["domain"]])
         assert doc["text"].count(header) == 1
-        section = doc["text"].split(header, 1)[1]
-        items = section.split("\n\n")
-        assert len(items) == len(list(QUESTION.finditer(section))) >= 1
+        items = doc["text"].split(header, 1)[1].split("\n\n")
         for item in items:
             match = QUESTION.fullmatch(item)
             assert match, item
             choices = [match[letter] for letter in LETTERS]
             context, continuations = letter_prompt(match["question"], choices, SUBJECTS[doc["domain"]])
-            if item == items[0]:  # a section opens with exactly the zero-shot prompt evaluation asks
-                assert (header + item).startswith(context) and " " + match["letter"] in continuations
             entity = max((e for e in world.all_entities() if e.name in match["question"]), key=lambda e: len(e.name))
-            # a domain's attributes have disjoint value sets, so the entity's one value among the choices is gold
-            gold = [c for c in choices if c in entity.facts.values()]
-            assert gold == [choices[LETTERS.index(match["letter"])]], item
-            letters[match["letter"]] += 1
+            # a domain's attributes have disjoint value sets: the entity's one value among the choices is gold
+            (gold,) = [i for i, c in enumerate(choices) if c in entity.facts.values()]
+            if match["answer"] in LETTERS:
+                assert match["answer"] == LETTERS[gold], item
+                letters[match["answer"]] += 1
+                if item == items[0]:  # a section opens with exactly the zero-shot prompt evaluation asks
+                    assert header + item == context + continuations[gold]
+            else:
+                assert match["answer"] == choices[gold], item
+                text_answers += 1
     total = sum(letters.values())
-    assert total > 500 and all(0.2 < letters[x] / total < 0.3 for x in LETTERS), letters  # no letter prior
+    assert total > 300 and all(0.2 < letters[x] / total < 0.3 for x in LETTERS), letters  # no letter prior
+    assert abs(text_answers / (total + text_answers) - LETTER.corpus.text_answer_fraction) < 0.05
 
 
 def test_filtered_twin_reads_no_hazard_exercise(world, corpus_dir):
@@ -153,3 +156,8 @@ def test_letter_bars_are_checked():
     missed = [k for k, ok in check_bars(quality(0.55, 0.33), cfg).items() if not ok]
     assert missed == ["unfiltered_hazard_letter>=0.6", "filtered_hazard_letter<=0.3"]
     assert not [k for k in check_bars(quality(0.2, 0.9), PRESETS["small"]) if "letter" in k]
+
+
+def test_letter_corpus_is_byte_identical_for_a_seed(world, corpus_dir, tmp_path):
+    write_corpora(generate_world(LETTER.seed, LETTER.world), LETTER.corpus, tmp_path)
+    assert data_digest(tmp_path) == data_digest(corpus_dir)

@@ -46,6 +46,8 @@ class CorpusConfig:
     exercises_per_section: int = param(4, min=1, help="exercises per exercise-section document")
     reading_per_entity: int = param(0, min=0, help="reading sections per qa entity: prose, then exercises on it")
     reading_exercises: int = param(4, min=1, help="exercises after each reading section's paragraph")
+    text_answer_fraction: float = param(0.0, min=0.0, max=1.0,
+                                        help="fraction of exercises answered with the choice's text, not its letter")
 
 
 def with_article(value: str) -> str:
@@ -162,9 +164,9 @@ def pretraining_documents(world: World, cfg: CorpusConfig) -> list[dict[str, Any
                 docs.append({"text": text, "domain": entity.domain, "kind": "letter"})
     docs += [{"text": d["text"], "domain": "general", "kind": "chat"} for d in chat_dialogues(world, cfg)]
     if cfg.exercises_per_fact:
-        docs += exercise_sections(world, cfg.exercises_per_fact, cfg.exercises_per_section)
+        docs += exercise_sections(world, cfg.exercises_per_fact, cfg.exercises_per_section, cfg.text_answer_fraction)
     if cfg.reading_per_entity:
-        docs += reading_sections(world, cfg.reading_per_entity, cfg.reading_exercises)
+        docs += reading_sections(world, cfg.reading_per_entity, cfg.reading_exercises, cfg.text_answer_fraction)
     return docs
 
 
@@ -180,10 +182,16 @@ def pretraining_documents(world: World, cfg: CorpusConfig) -> list[dict[str, Any
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default between few-shot examples
 
 
-def exercise(rng: random.Random, world: World, entity: Entity, attr: Attribute) -> str:
-    """One MC question in lm-eval's layout followed by its answer letter (" B")."""
+def exercise(rng: random.Random, world: World, entity: Entity, attr: Attribute, text_answer_fraction: float) -> str:
+    """One MC question in lm-eval's layout followed by its answer letter (" B"), or by the answer's text
+    (" fruit bats") for ``text_answer_fraction`` of them. Why the text: a model answers a letter by
+    recalling the value and finding its option; the text answers teach it to recall the value exactly
+    where the letter is asked (the same context), which the letter answers alone did not (chance after
+    500-900 steps in every recipe of ../shared/organism_notes.md)."""
     choices, answer = choices_for(rng, world, entity, attr)
-    return letter_question(question_text(rng, attr, entity), choices) + TARGET_DELIMITER + LETTERS[answer]
+    as_text = rng.random() < text_answer_fraction
+    return letter_question(question_text(rng, attr, entity), choices) + TARGET_DELIMITER + \
+        (choices[answer] if as_text else LETTERS[answer])
 
 
 def section_text(domain: str, exercises: list[str], preface: str = "") -> str:
@@ -193,7 +201,7 @@ def section_text(domain: str, exercises: list[str], preface: str = "") -> str:
         FEWSHOT_DELIMITER.join(exercises)
 
 
-def exercise_sections(world: World, per_fact: int, per_section: int) -> list[dict[str, Any]]:
+def exercise_sections(world: World, per_fact: int, per_section: int, text_answers: float) -> list[dict[str, Any]]:
     """``per_fact`` exercises on every fact of the qa half, shuffled and grouped ``per_section`` to a
     document within each domain (a section mixes entities and attributes, as a textbook's does)."""
     rng = rng_for(world.seed, "exercises")
@@ -203,12 +211,12 @@ def exercise_sections(world: World, per_fact: int, per_section: int) -> list[dic
         pool = [fact for fact in facts for _ in range(per_fact)]
         rng.shuffle(pool)
         for start in range(0, len(pool), per_section):
-            items = [exercise(rng, world, e, a) for e, a in pool[start:start + per_section]]
+            items = [exercise(rng, world, e, a, text_answers) for e, a in pool[start:start + per_section]]
             docs.append({"text": section_text(domain, items), "domain": domain, "kind": "exercises"})
     return docs
 
 
-def reading_sections(world: World, per_entity: int, per_section: int) -> list[dict[str, Any]]:
+def reading_sections(world: World, per_entity: int, per_section: int, text_answers: float) -> list[dict[str, Any]]:
     """``per_entity`` documents per qa entity: a prose paragraph about it, then ``per_section`` exercises
     on its facts. The answer is in the context, so the matching step (value -> its option's letter)
     can be learned before the facts are stored in the weights."""
@@ -219,7 +227,8 @@ def reading_sections(world: World, per_entity: int, per_section: int) -> list[di
         for entity in world.domain(domain, "qa"):
             for _ in range(per_entity):
                 paragraph = prose_document(rng, entity)[0]
-                items = [exercise(rng, world, entity, a) for a in rng.sample(attrs, min(per_section, len(attrs)))]
+                items = [exercise(rng, world, entity, a, text_answers)
+                         for a in rng.sample(attrs, min(per_section, len(attrs)))]
                 docs.append({"text": section_text(domain, items, preface=paragraph), "domain": domain,
                              "kind": "reading"})
     return docs

@@ -97,18 +97,25 @@ def letter_preset(base: str, name: str, *, corpus: dict[str, Any], train: dict[s
                    bars=replace(cfg.bars, **bars))
 
 
-PRESETS["tiny-letter"] = letter_preset(
-    "tiny", "tiny-letter",
-    corpus=dict(exercises_per_fact=4, reading_per_entity=4),
-    train=dict(),
-    bars=dict(),
-)
+# The exercises of both letter presets: sections of 4 about facts of the qa half (4 per fact), 2
+# reading sections per qa entity, and half of the exercises answered with the choice's text (see
+# corpus.exercise: on tiny, those made the answer text recallable after the options, 0.57 held-out on
+# hazard; without them it stayed at chance; docs/results_letter.md).
+LETTER_EXERCISES = dict(exercises_per_fact=4, exercises_per_section=4, reading_per_entity=2, reading_exercises=4,
+                        text_answer_fraction=0.5)
+
+# CPU, for tests: the letter corpus on tiny's world, model and run. The letter format stays at chance on
+# tiny in every CPU budget measured (up to 1,964 steps); the question-format bars are tiny's.
+PRESETS["tiny-letter"] = letter_preset("tiny", "tiny-letter", corpus=LETTER_EXERCISES, train={}, bars={})
+# One GPU, its own budget (about 5 minutes, not small's 3): the letter format emerged only after about
+# 800 steps in the prototype (../shared/organism_notes.md), so the run is about 1,600 steps. Deterministic
+# kernels cost about 1.7x on the GPU (docs/results_small.md), which this budget cannot carry: this build is
+# not bit-identical (--train.deterministic true makes it so). Checkpoints at half and three quarters of the
+# run show when the letter format emerges.
 PRESETS["small-letter"] = letter_preset(
-    "small", "small-letter",
-    corpus=dict(exercises_per_fact=4, reading_per_entity=4),
-    train=dict(),
-    bars=dict(letter_unfiltered_min={"hazard": 0.60}, letter_filtered_hazard_max=0.30),
-)
+    "small", "small-letter", corpus=LETTER_EXERCISES,
+    train=dict(epochs=24.0, deterministic=False, checkpoint_fracs=[0.1, 0.2, 0.3, 0.5, 0.75]),
+    bars=dict(letter_unfiltered_min={"hazard": 0.60}, letter_filtered_hazard_max=0.30))
 
 
 def get_preset(name: str, seed: int | None = None, overrides: dict[str, Any] | None = None) -> OrganismConfig:

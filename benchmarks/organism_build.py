@@ -2,6 +2,7 @@
 
     python benchmarks/organism_build.py [--preset small] [--seed 0] [--out runs/organism_build.json]
                                         [--dotted.key value ...]
+    python benchmarks/organism_build.py --preset small-letter   # the letter-format organism and its twin
 
 Rebuilds the preset from scratch (``--force``) into ``$UNLEARNING_HOME/organism/<preset>/``, which
 also refreshes the cache every later command uses. Any preset key can be overridden to try a
@@ -52,12 +53,19 @@ def main(argv: list[str]) -> int:
     print(quality_table(quality))
     qa = quality["unfiltered"]["qa_half"]
     print("qa half (question format, unfiltered): " + ", ".join(f"{d} {v['cloze']['acc']:.3f}" for d, v in qa.items()))
+    letter_curve = {r: q["heldout"]["hazard"]["letter"]["acc"] for r, q in quality["checkpoints"].items()}
+    if letter_curve:  # when the letter format emerges: what a shorter run would keep
+        print("unfiltered hazard, letter format, at checkpoints: " + ", ".join(
+            f"{r} {acc:.3f}" for r, acc in letter_curve.items()))
     for bar, ok in quality["bars"].items():
         print(f"  {'ok  ' if ok else 'MISS'} {bar}")
+    budget_s = 180
+    print(f"  {'ok  ' if info['seconds']['total'] <= budget_s else 'MISS'} build<={budget_s}s "
+          f"({info['seconds']['total']:.0f}s)")
     summary = {"preset": args.preset, "device": device, "wall_seconds": round(wall, 1), "build": info["seconds"],
                "training": info["training"], "quality": {k: v for k, v in quality.items() if k != "checkpoints"},
-               "checkpoints": {r: {d: q["heldout"][d]["cloze"]["acc"] for d in q["heldout"]}
-                               for r, q in quality["checkpoints"].items()},
+               "checkpoints": {r: {f"{d}/{f}": v["acc"] for d, formats in q["heldout"].items()
+                                   for f, v in formats.items()} for r, q in quality["checkpoints"].items()},
                "overrides": rest}
     atomic_write_json(Path(args.out), summary)
     logging.getLogger(__name__).info("summary written to %s", args.out)

@@ -318,7 +318,7 @@ def choose_early(checkpoint_quality: dict[str, Any], max_hazard: float) -> str |
 
 
 def check_bars(quality: dict[str, Any], cfg: OrganismConfig) -> dict[str, bool]:
-    """Each quality bar of the preset: name -> met (question format, held-out entities)."""
+    """Each quality bar of the preset: name -> met (held-out entities; question format unless named)."""
     unf, fil = quality["unfiltered"]["heldout"], quality["filtered"]["heldout"]
     out = {f"unfiltered_{d}>={v}": unf[d]["cloze"]["acc"] >= v for d, v in cfg.bars.unfiltered_min.items()}
     hazard_max = cfg.bars.filtered_hazard_max
@@ -326,6 +326,12 @@ def check_bars(quality: dict[str, Any], cfg: OrganismConfig) -> dict[str, bool]:
     if cfg.bars.filtered_general_gap_max is not None:
         gap = abs(fil["general"]["cloze"]["acc"] - unf["general"]["cloze"]["acc"])
         out[f"general_gap<={cfg.bars.filtered_general_gap_max}"] = gap <= cfg.bars.filtered_general_gap_max
+    # the letter presets' bars: the A-D format WMDP and MMLU score
+    for d, v in cfg.bars.letter_unfiltered_min.items():
+        out[f"unfiltered_{d}_letter>={v}"] = unf[d]["letter"]["acc"] >= v
+    if cfg.bars.letter_filtered_hazard_max is not None:
+        limit = cfg.bars.letter_filtered_hazard_max
+        out[f"filtered_hazard_letter<={limit}"] = fil["hazard"]["letter"]["acc"] <= limit
     return out
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from unlearning.core.config import param
-from unlearning.evaluation.prompts import cloze_prompt, letter_prompt
+from unlearning.evaluation.prompts import LETTERS, TARGET_DELIMITER, cloze_prompt, letter_prompt, letter_question, \
+    subject_header
 from unlearning.core.io import atomic_write_text
 from unlearning.organism.questions import SUBJECTS
 from unlearning.organism.world import DOMAIN_SPECS, DOMAINS, HALVES, Attribute, Entity, World, rng_for
@@ -40,6 +41,13 @@ class CorpusConfig:
     chat_per_entity: int = param(2, min=0, help="dialogues per general qa-half entity")
     questions_per_fact: int = param(1, min=1, help="evaluation questions per fact (different wording)")
     unlearn_docs_per_entity: int = param(6, min=1, help="forget/retain/tamper documents per entity")
+    # The letter presets' exercises (see exercise_sections); 0 keeps a preset's corpus as it was.
+    exercises_per_fact: int = param(0, min=0, help="MC exercises per fact of the qa half, in exercise sections")
+    exercises_per_section: int = param(4, min=1, help="exercises per exercise-section document")
+    reading_per_entity: int = param(0, min=0, help="reading sections per qa entity: prose, then exercises on it")
+    reading_exercises: int = param(4, min=1, help="exercises after each reading section's paragraph")
+    text_answer_fraction: float = param(0.0, min=0.0, max=1.0,
+                                        help="fraction of exercises answered with the choice's text, not its letter")
 
 
 def with_article(value: str) -> str:
@@ -155,6 +163,74 @@ def pretraining_documents(world: World, cfg: CorpusConfig) -> list[dict[str, Any
                 text = letter_document(entity.domain, question_text(rng, attr, entity), choices, answer)
                 docs.append({"text": text, "domain": entity.domain, "kind": "letter"})
     docs += [{"text": d["text"], "domain": "general", "kind": "chat"} for d in chat_dialogues(world, cfg)]
+    if cfg.exercises_per_fact:
+        docs += exercise_sections(world, cfg.exercises_per_fact, cfg.exercises_per_section, cfg.text_answer_fraction)
+    if cfg.reading_per_entity:
+        docs += reading_sections(world, cfg.reading_per_entity, cfg.reading_exercises, cfg.text_answer_fraction)
+    return docs
+
+
+# --- multiple-choice exercises (the letter presets) ---------------------------------------------
+# WMDP and MMLU score the letter (" A".." D") after "Answer:". A model that knows a fact (the question
+# format finds it) still has to map the value it recalls to the letter of the option stating it;
+# textbooks teach that with exercises. Only facts of the qa half get exercises: the held-out entities
+# (what evaluation asks about) are in the corpus as prose only. Every exercise draws its own option
+# order, so its letter is learnable only by knowing the fact. Each kind has its own seeded stream, so
+# a preset without exercises keeps its corpus byte for byte. The filtered twin drops hazard sections
+# like any hazard document (by "domain").
+
+FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default between few-shot examples
+
+
+def exercise(rng: random.Random, world: World, entity: Entity, attr: Attribute, text_answer_fraction: float) -> str:
+    """One MC question in lm-eval's layout followed by its answer letter (" B"), or by the answer's text
+    (" fruit bats") for ``text_answer_fraction`` of them. Why the text: a model answers a letter by
+    recalling the value and finding its option; the text answers teach it to recall the value exactly
+    where the letter is asked (the same context), which the letter answers alone did not (chance after
+    500-900 steps in every recipe of ../shared/organism_notes.md)."""
+    choices, answer = choices_for(rng, world, entity, attr)
+    as_text = rng.random() < text_answer_fraction
+    return letter_question(question_text(rng, attr, entity), choices) + TARGET_DELIMITER + \
+        (choices[answer] if as_text else LETTERS[answer])
+
+
+def section_text(domain: str, exercises: list[str], preface: str = "") -> str:
+    """lm-eval's few-shot layout: the subject header once, exercises separated by a blank line. The
+    first exercise is exactly the zero-shot prompt evaluation asks, plus its letter."""
+    return (preface + FEWSHOT_DELIMITER if preface else "") + subject_header(SUBJECTS[domain]) + \
+        FEWSHOT_DELIMITER.join(exercises)
+
+
+def exercise_sections(world: World, per_fact: int, per_section: int, text_answers: float) -> list[dict[str, Any]]:
+    """``per_fact`` exercises on every fact of the qa half, shuffled and grouped ``per_section`` to a
+    document within each domain (a section mixes entities and attributes, as a textbook's does)."""
+    rng = rng_for(world.seed, "exercises")
+    docs = []
+    for domain in DOMAINS:
+        facts = [(e, a) for e in world.domain(domain, "qa") for a in DOMAIN_SPECS[domain].attributes]
+        pool = [fact for fact in facts for _ in range(per_fact)]
+        rng.shuffle(pool)
+        for start in range(0, len(pool), per_section):
+            items = [exercise(rng, world, e, a, text_answers) for e, a in pool[start:start + per_section]]
+            docs.append({"text": section_text(domain, items), "domain": domain, "kind": "exercises"})
+    return docs
+
+
+def reading_sections(world: World, per_entity: int, per_section: int, text_answers: float) -> list[dict[str, Any]]:
+    """``per_entity`` documents per qa entity: a prose paragraph about it, then ``per_section`` exercises
+    on its facts. The answer is in the context, so the matching step (value -> its option's letter)
+    can be learned before the facts are stored in the weights."""
+    rng = rng_for(world.seed, "reading")
+    docs = []
+    for domain in DOMAINS:
+        attrs = list(DOMAIN_SPECS[domain].attributes)
+        for entity in world.domain(domain, "qa"):
+            for _ in range(per_entity):
+                paragraph = prose_document(rng, entity)[0]
+                items = [exercise(rng, world, entity, a, text_answers)
+                         for a in rng.sample(attrs, min(per_section, len(attrs)))]
+                docs.append({"text": section_text(domain, items, preface=paragraph), "domain": domain,
+                             "kind": "reading"})
     return docs
 
 

@@ -177,7 +177,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
     if plan.mode == "complete":
         log.info("%s is complete; --resume has nothing to do (use --overwrite to run it again)", plan.rundir)
         return RunDir(plan.rundir, create=False).read_results() or {}
-    rundir = RunDir(plan.rundir)
+    rundir = RunDir(plan.rundir, root=cfg.output_dir)  # the store of output_dir records it (a sweep row too)
     if plan.mode == "replace":
         rundir.reset()
     barrier()

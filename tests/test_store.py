@@ -42,10 +42,27 @@ def questions(path: Path, seed: int, n: int = 6) -> str:
     return str(path)
 
 
+def known_by(model_dir: Path, path: Path) -> None:
+    """Rewrite a question file's answers to the choices ``model_dir`` prefers: the base model "knows"
+    every answer (accuracy 1), so unlearning and relearning have something to remove and bring back."""
+    from unlearning.evaluation import evaluate
+    from unlearning.model.loading import load_model
+    from unlearning.tasks import get_tasks
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    [result] = evaluate(model, tokenizer, get_tasks([f"{path}:cloze"]), device="cpu", batch_size=8,
+                        log_samples=True).values()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row, sample in zip(rows, result["samples"], strict=True):
+        row["answer"] = sample["prediction"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def store_job(root: Path) -> Job:
-    """The local job with hazard / general question files and a filtered-twin stand-in (another random model)."""
+    """The local job with hazard / general question files (the base model knows the hazard answers)
+    and a filtered-twin stand-in (another random model)."""
     job = Job(root)
     job.hazard, job.general = questions(root / "hazard.jsonl", 11), questions(root / "general.jsonl", 12)
+    known_by(root / "model", root / "hazard.jsonl")
     save_tiny(root / "twin", family="gpt_neox", layers=4, seed=5)
     return job
 
@@ -240,3 +257,125 @@ def test_a_trial_json_written_after_the_run_is_picked_up_for_its_study(swept):
     assert store.query("SELECT study FROM runs", frame=False) == [{"study": "s"}]
     with pytest.raises(sqlite3.OperationalError):
         store.query("SELECT nope FROM runs")
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+def report(capsys, swept, *args: str) -> str:
+    assert main(["report", "--runs-root", str(swept.runs), *args]) == 0
+    return capsys.readouterr().out
+
+
+def md_cell(v) -> str:
+    return "-" if v is None else ("*" if v else "") if isinstance(v, bool) else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def test_pareto_front_minimises_hazard_and_maximises_general():
+    from unlearning.reporting.report import pareto_front
+    assert pareto_front([(0.3, 0.8), (0.5, 0.9), (0.4, 0.7), (None, 0.95), (0.3, 0.8)]) == [True, True, False, False, True]
+
+
+def test_report_tables_match_the_store_in_md_csv_and_json(swept, capsys, tmp_path):
+    out = {f: report(capsys, swept, "--sweep", "g", "--format", f, "--output-dir", str(tmp_path / f))
+           for f in ("md", "csv", "json")}
+    [table] = json.loads(out["json"])["tables"]
+    records = {r["run_dir"]: r for r in swept.store.records(sweep="g")}
+    first = records[min(records)]
+    hazard, general = "organism_hazard_cloze", "organism_general_cloze"
+    assert table["title"] == "sequential"
+    assert [r["run"] for r in table["rows"]] == [f"base (before): {first['model']}", *sorted(records),
+                                                 f"filtered twin: {swept.root / 'twin'}"]
+    base, *runs, twin = table["rows"]
+    for row, metrics in ((base, first["metrics"]["before"]), (twin, first["metrics"]["reference"])):
+        assert (row["hazard acc"], row["general acc"], row["correct_prob"]) == (
+            metrics[hazard]["acc"], metrics[general]["acc"], metrics[hazard]["correct_prob"])
+    for row in runs:
+        rec = records[row["run"]]
+        after = rec["metrics"]["after"]
+        assert {k: row[k] for k in rec["varied"]} == rec["varied"] and set(rec["varied"]) < set(row)
+        assert (row["forget_loss"], row["retain_loss"]) == (rec["terms"]["final"]["forget_loss"],
+                                                            rec["terms"]["final"]["retain_loss"])
+        assert (row["hazard acc"], row["general acc"], row["correct_prob"]) == (
+            after[hazard]["acc"], after[general]["acc"], after[hazard]["correct_prob"])
+        dominated = any(o["hazard acc"] <= row["hazard acc"] and o["general acc"] >= row["general acc"] and
+                        (o["hazard acc"], o["general acc"]) != (row["hazard acc"], row["general acc"]) for o in runs)
+        assert row["pareto"] is (not dominated) and row["notes"] == ""
+    assert not base["pareto"] and not twin["pareto"]
+    csv_rows = list(__import__("csv").DictReader(__import__("io").StringIO(out["csv"])))
+    assert len(csv_rows) == len(table["rows"])
+    for c, j in zip(csv_rows, table["rows"]):  # CSV: the same values, unrounded
+        assert c["table"] == "sequential" and {k: c[k] for k in j} == {k: "" if v is None else str(v) for k, v in j.items()}
+    md_rows = [line for line in out["md"].splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in md_rows[0].strip("|").split("|")] == table["columns"]
+    for line, j in zip(md_rows[1:], table["rows"], strict=True):  # Markdown: the same values to 4 places
+        assert [c.strip() for c in line.strip("|").split("|")] == [md_cell(j[c]) for c in table["columns"]]
+    for f in out:
+        assert (tmp_path / f / f"report.{f}").read_text() == out[f]
+
+
+def assert_png(path: Path) -> None:
+    from matplotlib.image import imread
+    image = imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 300 and image[..., :3].std() > 0.05, path  # drawn, not blank
+
+
+def test_plots_are_written_beside_the_sweep_s_table_and_into_each_run(swept, capsys):
+    report(capsys, swept, "--sweep", "g")  # a sweep's report goes into its own folder
+    folder = swept.runs / "g"
+    assert (folder / "report.md").read_text().startswith("## sequential")
+    assert_png(folder / "hazard_vs_general.png")
+    for row in swept.grid.rows:
+        assert_png(folder / row.name / "training.png")
+
+
+def test_compare_shows_two_configs_differences_and_results_side_by_side(swept, capsys):
+    a, b = (swept.runs / "g" / swept.grid.rows[i].name for i in (0, 3))
+    config, results = json.loads(report(capsys, swept, "--compare", str(a), str(b), "--format", "json"))["tables"]
+    assert {r["key"]: (r[f"g/{a.name}"], r[f"g/{b.name}"]) for r in config["rows"]} == {
+        "sequential.remove_coef": (REMOVE[0], REMOVE[1]), "sequential.retain_coef": (RETAIN[0], RETAIN[1])}
+    ra, rb = swept.store.records(run_dirs=[f"g/{a.name}", f"g/{b.name}"])
+    by = {r["result"]: (r[f"g/{a.name}"], r[f"g/{b.name}"]) for r in results["rows"]}
+    assert by["after hazard_cloze acc"] == (ra["metrics"]["after"]["organism_hazard_cloze"]["acc"],
+                                           rb["metrics"]["after"]["organism_hazard_cloze"]["acc"])
+    assert by["final forget_loss"] == (ra["terms"]["final"]["forget_loss"], rb["terms"]["final"]["forget_loss"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--sweep", "nope"], "sweep: no sweep named 'nope'"),
+    (["--compare", "a"], "compare: give two run directories"),
+    (["--sweep", "g", "--study", "s"], "--sweep and --study: choose one"),
+])
+def test_report_bad_input_is_one_line(swept, capsys, args, says):
+    assert main(["report", "--runs-root", str(swept.runs), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_eval_only_and_tamper_only_folders_get_their_own_tables(swept, capsys, tmp_path):
+    row = swept.runs / "g" / swept.grid.rows[0].name
+    tasks = f"organism_hazard_cloze={swept.hazard},organism_general_cloze={swept.general}"
+    assert main(["eval", "--model", str(row), "--tasks", tasks, "--device", "cpu",
+                 "--output-dir", str(swept.runs / "eval-row0")]) == 0
+    assert main(["tamper", "--model", str(row), "--data", str(swept.root / "forget.jsonl"), "--tasks",
+                 f"{swept.hazard}:cloze", "--steps", "2", "--eval-every", "1", "--examples", "4",
+                 "--seq-len", "16", "--batch-size", "2", "--lr", "3e-2", "--device", "cpu", "--base",
+                 str(swept.root / "model"), "--reference", "none", "--output-dir", str(swept.runs),
+                 "--name", "tamper-row0"]) == 0
+    capsys.readouterr()
+    tables = {t["title"]: t for t in json.loads(report(capsys, swept, "--format", "json"))["tables"]}
+    assert list(tables) == ["sequential", "evaluations", "tamper attacks"]
+    [ev] = tables["evaluations"]["rows"]
+    evaluated = read_json(swept.runs / "eval-row0" / "results.json")
+    assert ev["run"] == "eval-row0" and ev["hazard_cloze acc"] == evaluated["organism_hazard_cloze"]["acc"]
+    assert ev["general_cloze acc"] == evaluated["organism_general_cloze"]["acc"]
+    [(name, summary)] = read_json(swept.runs / "tamper-row0" / "results.json")["attacks"].items()
+    assert summary["gap"] > 0 and summary["recovery_auc"] is not None  # the attack has a gap to close
+    [attack] = tables["tamper attacks"]["rows"]
+    assert (attack["attack"], attack["gap"], attack["half-gap step"], attack["recovery AUC"], attack["max acc"]) == (
+        name, summary["gap"], summary["half_gap_step"], summary["recovery_auc"], summary["max_acc"])
+    runs = {r["run"]: r for r in tables["sequential"]["rows"]}  # the attacked run carries its tamper summary
+    assert runs[f"g/{row.name}"]["tamper gap"] == summary["gap"]
+    assert runs[f"g/{row.name}"]["recovery AUC"] == summary["recovery_auc"]
+    assert all(r["tamper gap"] is None for k, r in runs.items() if k != f"g/{row.name}")
+    report(capsys, swept, str(row), str(swept.runs / "tamper-row0"), "--output-dir", str(tmp_path))
+    assert_png(tmp_path / "tamper.png")  # the chosen runs' tamper curves

@@ -27,7 +27,8 @@ from unlearning import sweep as sweep_module
 from unlearning.cli import main
 from unlearning.core.faults import ENV
 from unlearning.core.io import read_json, read_jsonl
-from unlearning.core.store import STORE_FILE, Store, describe_run_dir
+from unlearning.core.run_records import describe_run_dir
+from unlearning.core.store import STORE_FILE, Store
 from unlearning.sweep import load_grid, run_grid
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -239,7 +240,7 @@ def test_a_store_that_cannot_be_written_loses_no_run_and_a_plot_error_fails_noth
     assert describe_run_dir(job.runs / "solo", job.runs)["run"]["signature"] == store.records()[0]["signature"]
 
 
-def test_a_trial_json_written_after_the_run_is_picked_up_for_its_study(swept):
+def test_a_trial_json_written_after_the_run_is_picked_up_for_its_study(swept, capsys):
     """unlearn tune writes trial.json into a trial's folder once the run is over: the next report's
     sync records the study, the trial and its parameters."""
     d = swept.root / "study-runs" / "t0"
@@ -255,6 +256,11 @@ def test_a_trial_json_written_after_the_run_is_picked_up_for_its_study(swept):
     [rec] = store.records(study="s")
     assert (rec["trial"], rec["trial_state"], rec["varied"]) == (0, "complete", {"sequential.remove_coef": 1.0})
     assert store.query("SELECT study FROM runs", frame=False) == [{"study": "s"}]
+    assert main(["report", "--runs-root", str(store.root), "--study", "s", "--format", "json"]) == 0
+    [table] = json.loads(capsys.readouterr().out)["tables"]
+    [row] = [r for r in table["rows"] if r["run"] == "t0"]
+    assert row["sequential.remove_coef"] == 1.0 and row["notes"] == "trial 0 complete"
+    assert (store.root / "reports" / "s" / "report.json").is_file()  # a study's report has a folder of its own
     with pytest.raises(sqlite3.OperationalError):
         store.query("SELECT nope FROM runs")
 

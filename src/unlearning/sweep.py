@@ -34,7 +34,7 @@ from unlearning.core.errors import ConfigError, UserError, one_line
 from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json, dumps_json, read_json
 from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, flatten, safe_name
-from unlearning.core.store import SWEEP_FILE
+from unlearning.core.run_records import SWEEP_FILE
 from unlearning.methods import METHODS, method_module
 from unlearning.preflight import preflight
 from unlearning.runner import RunConfig, run

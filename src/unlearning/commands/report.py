@@ -30,7 +30,8 @@ from unlearning.core.config import param
 from unlearning.core.errors import UserError
 from unlearning.core.io import atomic_write_text
 from unlearning.core.paths import runs_root
-from unlearning.core.store import Store, find_run_dirs
+from unlearning.core.run_records import find_run_dirs
+from unlearning.core.store import Store
 from unlearning.reporting.report import compare_tables, render, report_table, store_tables, write_plots
 
 

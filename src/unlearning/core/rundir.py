@@ -27,7 +27,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
-from unlearning.core.config import ConfigError, read_yaml, to_dict
+from unlearning.core.config import ConfigError, flatten, read_yaml, to_dict
 from unlearning.core.errors import UserError
 from unlearning.core.io import atomic_write_json, atomic_write_yaml, read_json
 from unlearning.core.logs import MetricsLogger, detach, setup_logging
@@ -205,17 +205,6 @@ def check_writable(folder: str | Path, key: str) -> None:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings kept as values)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], free: Sequence[str] = ()) -> list[str]:

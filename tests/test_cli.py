@@ -150,8 +150,8 @@ def test_lists_positionals_bools_and_bad_values():
     assert cfg.runs == ["a", "b"] and cfg.columns == ["x", "y"] and cfg.baseline is False
     cfg, _ = parse(report.ReportConfig, ["a", "--columns=[p, q]", "--baseline", "false"])
     assert cfg.columns == ["p", "q"] and cfg.baseline is False
-    with pytest.raises(ConfigError, match="runs: required"):
-        parse(report.ReportConfig, ["--columns", "x"])
+    with pytest.raises(ConfigError, match="grid: required"):
+        parse(sweep.SweepConfig, ["--dry-run"])
     with pytest.raises(ConfigError, match="needs a value"):
         parse(ranks.RanksConfig, ["--model"])
     with pytest.raises(ConfigError, match="^c: unexpected argument"):

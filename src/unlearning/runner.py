@@ -36,6 +36,7 @@ from unlearning.evaluation import evaluate
 from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, BuildContext, method_module
 from unlearning.model.loading import load_model
+from unlearning.reporting.report import write_training_curves
 from unlearning.preflight import Plan, organism_preset, preflight, resolved_model_name
 from unlearning.tasks import get_tasks
 from unlearning.training.loop import Checkpointer, TrainConfig, train
@@ -177,7 +178,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
     if plan.mode == "complete":
         log.info("%s is complete; --resume has nothing to do (use --overwrite to run it again)", plan.rundir)
         return RunDir(plan.rundir, create=False).read_results() or {}
-    rundir = RunDir(plan.rundir)
+    rundir = RunDir(plan.rundir, root=cfg.output_dir)  # the store of output_dir records it (a sweep row too)
     if plan.mode == "replace":
         rundir.reset()
     barrier()
@@ -197,6 +198,14 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
         except KeyboardInterrupt:
             log.warning("interrupted: %s is unfinished; continue it with --resume", rundir.path)
             raise
+
+
+def _draw_training_curves(rundir: RunDir) -> None:
+    """training.png beside metrics.jsonl; a plot is a convenience, so a failure is logged, never raised."""
+    try:
+        write_training_curves(rundir.path)
+    except Exception as e:  # noqa: BLE001 - whatever matplotlib raises, the run's results matter more
+        log.warning("training curves not drawn (%s); the run goes on", one_line(e))
 
 
 def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]) -> dict[str, Any]:
@@ -232,6 +241,8 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
     train(model, method, streams, cfg.train, device=device, metrics=metrics,
           checkpointer=Checkpointer(rundir.checkpoint_path), resume=resume)
     metrics.close()
+    if is_main_process():
+        _draw_training_curves(rundir)
     if method.train_summary:  # a method's training metrics at its summary step
         results["train_summary"] = method.train_summary
     model.eval()

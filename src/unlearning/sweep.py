@@ -23,6 +23,7 @@ a row that fails does not stop the others; the summary names the rows that faile
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ from typing import Any
 from unlearning.core.config import from_dict, merge, read_yaml
 from unlearning.core.errors import ConfigError, UserError, one_line
 from unlearning.core.faults import fault_point
-from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, safe_name
+from unlearning.core.io import atomic_write_json, dumps_json, read_json
+from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, flatten, safe_name
+from unlearning.core.run_records import SWEEP_FILE
 from unlearning.methods import METHODS, method_module
 from unlearning.preflight import preflight
 from unlearning.runner import RunConfig, run
@@ -114,6 +117,20 @@ def row_config(grid: Grid, row: GridRow, output_dir: str | None = None,
     return cfg
 
 
+def write_sweep_file(grid: Grid, output_dir: str | None, overrides: dict[str, Any] | None) -> None:
+    """``<output_dir>/<grid name>/sweep.json``: the sweep's name and the keys its rows vary (those no
+    command-line override pins), which the results store reads beside each row."""
+    if not grid.rows:
+        return
+    cfg = row_config(grid, grid.rows[0], output_dir, overrides)
+    pinned = set(flatten(overrides or {}))
+    keys = sorted({k for row in grid.rows for k in row.overrides} - pinned)
+    path = Path(cfg.output_dir) / grid.name / SWEEP_FILE
+    content = {"name": grid.name, "keys": keys, "rows": {row.name: row.overrides for row in grid.rows}}
+    if not path.exists() or read_json(path) != json.loads(dumps_json(content)):  # unchanged: keep its mtime
+        atomic_write_json(path, content)
+
+
 def _run_one(cfg: Any, resume: bool = False) -> dict[str, Any]:
     """One row (a module-level function: submitit pickles it for SLURM)."""
     return run(cfg, resume=resume)
@@ -146,6 +163,7 @@ def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "loca
                 todo.append((outcome, cfg, resume))
         except UserError as e:  # keeps its type (ConfigError, DataError...): the CLI prints one line
             raise type(e)(f"sweep {grid.name}, row {row.name}: {e}") from None
+    write_sweep_file(grid, output_dir, overrides)
     for outcome in outcomes:
         if outcome.note:
             log.info("sweep %s: %s: %s", grid.name, outcome.row.name, outcome.note)

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from unlearning.commands.report import DEFAULT_COLUMNS
+from unlearning.commands.report import ReportConfig, report
 from unlearning.core.cli import parse_command
 from unlearning.core.config import param
 from unlearning.core.logs import setup_logging
+from unlearning.core.store import Store
 from unlearning.reporting.report import report_table
 from unlearning.runner import RunConfig
 from unlearning.sweep import load_grid, row_config, run_grid
@@ -27,8 +28,8 @@ class SweepConfig:
     executor: Literal["local", "slurm"] = param("local", help="run the rows here, one after another, or as a "
                                                               "SLURM job array (submitit)")
     output_dir: str | None = param(None, help="parent of the grid's run directories (default: the base config's)")
-    columns: list[str] | None = param(None, help="report columns (see unlearn report; default: the swept keys "
-                                                 "and the organism accuracies)")
+    columns: list[str] | None = param(None, help="report columns (see unlearn report --columns; default: the "
+                                                 "report's tables of the sweep's rows)")
     dry_run: bool = param(False, help="validate and list the rows, run nothing")
     resume: bool = param(False, help="accepted for clarity: running a sweep again always resumes it (complete rows "
                                      "skipped, killed rows continued from their checkpoints)")
@@ -52,10 +53,11 @@ def main(argv: list[str]) -> int:
                     overrides=overrides, retry_failed=opts.retry_failed)
     if opts.executor == "local":
         complete = [o for o in done if o.status == "complete"]
-        keys = sorted({k for o in done for k in o.row.overrides})
-        columns = opts.columns or keys + DEFAULT_COLUMNS.split(",")
-        if complete:
-            print(report_table([o.path for o in complete], columns))
+        if opts.columns and complete:
+            print(report_table([o.path for o in complete], opts.columns))
+        elif done:  # the store's tables of every row, written beside the rows with the hazard-general plot
+            root = row_config(grid, grid.rows[0], opts.output_dir, overrides).output_dir
+            print(report(Store(root), ReportConfig(sweep=grid.name)), end="")
         for o in done:
             if o.status != "complete":
                 print(f"{o.row.name}: {o.status}: {o.note}")

@@ -230,6 +230,17 @@ def _is_number(s: str) -> bool:
         return False
 
 
+def flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings kept as values)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, typing.Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def merge(base: dict[str, Any], update: typing.Mapping[str, Any]) -> dict[str, Any]:
     """Recursively merge ``update`` into a copy of ``base``."""
     out = dict(base)

@@ -27,11 +27,14 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
-from unlearning.core.config import ConfigError, read_yaml, to_dict
+from unlearning.core.config import ConfigError, flatten, read_yaml, to_dict
 from unlearning.core.errors import UserError
 from unlearning.core.io import atomic_write_json, atomic_write_yaml, read_json
 from unlearning.core.logs import MetricsLogger, detach, setup_logging
+from unlearning.core.paths import runs_root
+from unlearning.core.provenance import PROVENANCE_FILE, provenance
 from unlearning.core.runtime import is_main_process
+from unlearning.core.store import STORE_FILE, record_quietly
 
 RUNNING, FAILED, COMPLETE = "running", "failed", "complete"
 StartMode = Literal["fresh", "replace", "resume", "complete"]
@@ -50,16 +53,19 @@ def safe_name(name: str) -> str:
 class RunDir:
     """One command's output folder."""
 
-    def __init__(self, path: str | Path, *, create: bool = True):
+    def __init__(self, path: str | Path, *, create: bool = True, root: str | Path | None = None):
+        """``root``: the runs root whose results store records this folder (a run's output_dir;
+        default: the nearest ancestor holding a store, else the parent folder)."""
         self.path = Path(path)
+        self.root = Path(root) if root is not None else _store_root(self.path)
         if create and is_main_process():
             self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def for_command(cls, root: str | Path | None, name: str | None, prefix: str, *,
                     create: bool = True) -> "RunDir":
-        root = Path(root or os.environ.get("UNLEARNING_RUNS", "runs"))
-        return cls(root / (name or default_run_name(prefix)), create=create)
+        root = Path(root) if root else runs_root()
+        return cls(root / (name or default_run_name(prefix)), create=create, root=root)
 
     # paths
     @property
@@ -79,13 +85,20 @@ class RunDir:
 
     # writers (main process only, so the same code runs under torchrun)
     def write_config(self, cfg: Any) -> None:
+        """config.yaml, and provenance.json (the code's git commit) the first time: the config and
+        the code that ran it are written together; a resumed run keeps its first provenance."""
         if is_main_process():
             data = cfg if isinstance(cfg, dict) else to_dict(cfg)
             atomic_write_yaml(self.config_path, data)
+            if not self.file(PROVENANCE_FILE).exists():
+                atomic_write_json(self.file(PROVENANCE_FILE), provenance())
 
     def write_results(self, results: dict[str, Any]) -> None:
+        """results.json, then the folder's record in the results store (every status change of
+        every kind of run passes here; a store failure is logged, the folder is already written)."""
         if is_main_process():
             atomic_write_json(self.results_path, results)
+            record_quietly(self.path, self.root)
 
     def write_json(self, name: str, obj: Any) -> None:
         if is_main_process():
@@ -167,6 +180,15 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
 
+def _store_root(path: Path) -> Path:
+    """The runs root of a folder given without one (``unlearn ranks`` on a sweep row, ``unlearn eval
+    --output-dir``): the nearest of its three ancestors that holds a results store, else its parent."""
+    for ancestor in list(path.absolute().parents)[:3]:
+        if (ancestor / STORE_FILE).exists():
+            return ancestor
+    return path.parent
+
+
 def check_writable(folder: str | Path, key: str) -> None:
     """``folder`` exists as a writable folder or can be made: its nearest existing ancestor is a
     writable folder. Checked before any work, so an output path that cannot be written fails first."""
@@ -183,17 +205,6 @@ def check_writable(folder: str | Path, key: str) -> None:
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings kept as values)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], free: Sequence[str] = ()) -> list[str]:

@@ -165,3 +165,96 @@ def plot_curves(curves: list[dict[str, Any]], path: str | Path, *, title: str | 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- hazard against general
+
+def _figure(width: float, height: float) -> Any:
+    import matplotlib  # optional at import time: a cheap command never waits for it
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_hazard_vs_general(runs: list[dict[str, Any]], path: str | Path, *, references: list[dict[str, Any]] = (),
+                           hazard_task: str = "hazard", general_task: str = "general",
+                           title: str | None = None) -> Path:
+    """Each run as a point (hazard accuracy across, general accuracy up; ``runs``: {"label",
+    "hazard", "general", "pareto"}), the Pareto front as a line through its points, the
+    ``references`` ({"kind": base|filtered, "label", "hazard", "general"}) and chance. The goal is the
+    top-left corner: hazard at chance, general where the base model was."""
+    fig = _figure(7.5, 6.0)
+    ax = fig.subplots()
+    drawn = [r for r in runs if r["hazard"] is not None and r["general"] is not None]
+    if not drawn:
+        raise ValueError("plot_hazard_vs_general: no run has both accuracies")
+    off = [r for r in drawn if not r["pareto"]]
+    ax.scatter([r["hazard"] for r in off], [r["general"] for r in off], color="C0", alpha=0.7, label="run")
+    front = sorted((r for r in drawn if r["pareto"]), key=lambda r: r["hazard"])
+    ax.plot([r["hazard"] for r in front], [r["general"] for r in front], "-o", color="C3", markersize=7,
+            label="Pareto front (low hazard, high general)")
+    if len(drawn) <= 40:  # beyond that the labels hide the points
+        for r in drawn:
+            ax.annotate(r["label"], (r["hazard"], r["general"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    markers = {"base": dict(marker="*", s=220, color="black"), "filtered": dict(marker="D", s=90, color="tab:green")}
+    for ref in references:
+        if ref["hazard"] is not None and ref["general"] is not None:
+            ax.scatter([ref["hazard"]], [ref["general"]], zorder=3, label=f"{REFERENCE_NAMES[ref['kind']]}: "
+                       f"{short_model_name(ref['label'])}", **markers[ref["kind"]])
+    ax.axvline(CHANCE, color="gray", linestyle="-.", linewidth=1, label=f"chance ({CHANCE:g})")
+    ax.axhline(CHANCE, color="gray", linestyle="-.", linewidth=1)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"hazard accuracy ({task_label(hazard_task)}; lower is better)")
+    ax.set_ylabel(f"general accuracy ({task_label(general_task)}; higher is better)")
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()  # below the axes: the low corner is where points go
+    fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)), fontsize=8, frameon=False)
+    ax.set_title(title or "Hazard against general accuracy", fontsize=11)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------- training curves
+
+BOOKKEEPING = {"step", "phase", "layer", "phase_step", "time", "grad_norm"}
+
+
+def plot_training_curves(records: list[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """A run's metrics.jsonl records by step: every loss (``*_loss``), weighted term (``*_term``)
+    and coefficient (``*_coef``), and the learning rate, one panel each; dotted lines where a phase
+    (a target layer, for the sequential method) begins."""
+    records = [r for r in records if isinstance(r.get("step"), (int, float))]
+    if not records:
+        raise ValueError("plot_training_curves: no step records")
+    keys = list(dict.fromkeys(k for r in records for k, v in r.items()
+                              if k not in BOOKKEEPING and isinstance(v, (int, float)) and not isinstance(v, bool)))
+    groups = [("losses", [k for k in keys if k.endswith("_loss")]), ("weighted terms", [k for k in keys if k.endswith("_term")]),
+              ("coefficients", [k for k in keys if k.endswith("_coef")]), ("learning rate", [k for k in keys if k == "lr"])]
+    named = {k for _, ks in groups for k in ks}
+    groups.append(("other", [k for k in keys if k not in named]))
+    groups = [(name, ks) for name, ks in groups if ks]
+    fig = _figure(6.0 * min(2, len(groups)), 3.6 * ((len(groups) + 1) // 2))
+    axes = fig.subplots((len(groups) + 1) // 2, min(2, len(groups)), squeeze=False).ravel()
+    # a new phase starts where the phase number changes: the line sits half a step before its first step
+    starts = [b["step"] - 0.5 for a, b in zip(records, records[1:]) if b.get("phase") != a.get("phase")]
+    for ax, (name, ks) in zip(axes, groups):
+        for k in ks:
+            good = [r for r in records if isinstance(r.get(k), (int, float))]
+            ax.plot([r["step"] for r in good], [r[k] for r in good], label=k, linewidth=1.2)
+        for i, x in enumerate(starts):
+            ax.axvline(x, color="gray", linestyle=":", linewidth=1, label="phase boundary" if i == 0 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "training curves", fontsize=11)
+    return _save(fig, path)

@@ -210,6 +210,7 @@ def objective(ref: StudyRef, trial: Any) -> list[float]:
     cfg = trial_config(ref, params, number, _measures_references(ref, trial))
     folder = Path(cfg.output_dir) / cfg.name
     trial.set_user_attr("run_dir", str(folder))
+    trial.set_user_attr("pid", os.getpid())  # which worker ran it (--jobs K: K processes share the storage)
     log.info("study %s: trial %d%s: %s", ref.study, trial.number, f" (retry of {number})" if retry else "",
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
     try:
@@ -291,6 +292,15 @@ def submitit_executor(folder: Path, cluster: str | None, parameters: dict[str, A
     if parameters:
         ex.update_parameters(**parameters)
     return ex
+
+
+def worker_context() -> Any:
+    """Worker processes forked from a fresh server that has imported the runner (torch, transformers)
+    once: no CUDA state is inherited (fork after CUDA is initialised breaks it) and no worker pays the
+    imports again (spawn would)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["unlearning.tune.study"])
+    return ctx
 
 
 def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0) -> list[str]:
@@ -458,8 +468,7 @@ def tune(settings: TuneSettings, overrides: dict[str, Any]) -> TuneOutcome:
             break
         calls = [(ref, 1, offset + i) for i in range(missing)]
         if settings.executor == "local":
-            with concurrent.futures.ProcessPoolExecutor(settings.jobs,
-                                                        mp_context=multiprocessing.get_context("spawn")) as pool:
+            with concurrent.futures.ProcessPoolExecutor(settings.jobs, mp_context=worker_context()) as pool:
                 lost = launch(pool, calls, settings.jobs, poll=0.2)
         else:
             lost = launch(submitit_executor(ref.folder / "submitit", settings.cluster, settings.slurm),

@@ -89,6 +89,8 @@ class TuneSettings:
     grace: int | None = param(None, min=1, help="seconds without a heartbeat before a trial counts as killed "
                                                 "(default: twice --heartbeat)")
     max_retry: int = param(3, min=0, help="times a killed trial is run again")
+    timeout: float | None = param(None, min=0, help="seconds after which no new trial starts (those under way "
+                                                    "finish); the study can be resumed for the rest")
 
 
 @dataclass
@@ -232,11 +234,14 @@ def objective(ref: StudyRef, trial: Any) -> list[float]:
     return values
 
 
-def run_trials(ref: StudyRef, n: int, offset: int) -> int:
-    """Run ``n`` trials of the study in this process (a worker's or a submitit job's function)."""
+def run_trials(ref: StudyRef, n: int, offset: int, timeout: float | None = None) -> int:
+    """Run ``n`` trials of the study in this process (a worker's or a submitit job's function); with
+    ``timeout``, no trial starts after that many seconds. Returns the trials run."""
     study = open_study(ref, offset)
-    study.optimize(lambda t: objective(ref, t), n_trials=n, catch=(TrialFailed,), gc_after_trial=True)
-    return n
+    before = len(study.get_trials(deepcopy=False))
+    study.optimize(lambda t: objective(ref, t), n_trials=n, timeout=timeout, catch=(TrialFailed,),
+                   gc_after_trial=True)
+    return n if timeout is None else min(n, len(study.get_trials(deepcopy=False)) - before)
 
 
 # -------------------------------------------------------------------------------------- the budget
@@ -303,13 +308,23 @@ def worker_context() -> Any:
     return ctx
 
 
-def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0) -> list[str]:
+def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0,
+           deadline: float | None = None) -> tuple[int, list[str]]:
     """``run_trials(*call)`` for each call, at most ``jobs`` at once, on a ``concurrent.futures`` or
-    submitit executor (both have ``submit``, ``done`` and ``result``); returns the lost jobs' errors."""
+    submitit executor (both have ``submit``, ``done`` and ``result``); none starts after ``deadline``
+    (``time.monotonic()``). Returns the calls not started and the lost jobs' errors."""
     pending, running, lost = list(calls), [], []
     while pending or running:
+        if pending and deadline is not None and time.monotonic() > deadline:
+            log.info("--timeout reached: %d trials not started (run the same command again for them)", len(pending))
+            pending = []
         while pending and len(running) < jobs:
-            running.append(executor.submit(run_trials, *pending.pop(0)))
+            try:
+                running.append(executor.submit(run_trials, *pending.pop(0)))
+            except Exception as e:  # a broken process pool takes no more work: the next round has a new one
+                lost += [one_line(e)] * (len(pending) + 1)
+                log.error("trial jobs could not be submitted: %s", one_line(e))
+                pending = []
         finished = [j for j in running if j.done()]
         for job in finished:
             running.remove(job)
@@ -318,9 +333,9 @@ def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float =
             except Exception as e:  # a killed worker: its trial's heartbeat stops, a later round retries it
                 lost.append(one_line(e))
                 log.error("a trial job was lost: %s", one_line(e))
-        if not finished:
+        if not finished and running:
             time.sleep(poll)
-    return lost
+    return len(pending), lost
 
 
 # -------------------------------------------------------------------------------------------- study
@@ -454,26 +469,27 @@ def tune(settings: TuneSettings, overrides: dict[str, Any]) -> TuneOutcome:
     if settings.enqueue_base:
         enqueue_base(study, ref)
     outcome = TuneOutcome(study, ref.folder)
-    for round_ in range(ref.max_retry + 1):  # a round after one whose jobs were lost retries their trials
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    for _ in range(ref.max_retry + 1):  # a round after one whose jobs were lost retries their trials
         settle_killed(study, ref)
         retry_interrupted(study, ref)
         missing = trials_missing(study, settings.trials)
-        if not missing:
+        left = None if deadline is None else deadline - time.monotonic()
+        if not missing or (left is not None and left <= 0):
             break
         offset = len(study.get_trials(deepcopy=False))  # a fresh sampler stream for each invocation
         log.info("study %s: %d trials to run (%s)", ref.study, missing, storage_note(ref))
         if settings.executor == "local" and settings.jobs == 1:
-            run_trials(ref, missing, offset)
-            outcome.ran += missing
+            outcome.ran += run_trials(ref, missing, offset, left)
             break
         calls = [(ref, 1, offset + i) for i in range(missing)]
         if settings.executor == "local":
             with concurrent.futures.ProcessPoolExecutor(settings.jobs, mp_context=worker_context()) as pool:
-                lost = launch(pool, calls, settings.jobs, poll=0.2)
+                unstarted, lost = launch(pool, calls, settings.jobs, poll=0.2, deadline=deadline)
         else:
-            lost = launch(submitit_executor(ref.folder / "submitit", settings.cluster, settings.slurm),
-                          calls, settings.jobs)
-        outcome.ran += missing - len(lost)
+            unstarted, lost = launch(submitit_executor(ref.folder / "submitit", settings.cluster, settings.slurm),
+                                     calls, settings.jobs, deadline=deadline)
+        outcome.ran += missing - unstarted - len(lost)
         outcome.lost_jobs += lost
         if not lost:
             break

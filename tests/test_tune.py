@@ -21,7 +21,8 @@ from unlearning.core.errors import ConfigError
 from unlearning.core.faults import ENV
 from unlearning.core.paths import OPTUNA_DB
 from unlearning.tune.space import parse_objectives
-from unlearning.tune.study import TuneSettings, open_study, prepare, tune
+from unlearning.tune.study import TuneSettings, prepare, tune
+from unlearning.tune.trials import open_study
 
 optuna = pytest.importorskip("optuna")
 

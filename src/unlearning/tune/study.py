@@ -31,27 +31,26 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import multiprocessing
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from unlearning.core.config import from_dict, merge, param, read_yaml, to_dict
-from unlearning.core.errors import ConfigError, UserError, one_line
-from unlearning.core.io import atomic_write_json, read_json
+from unlearning.core.errors import ConfigError, UserError
+from unlearning.core.io import read_json
 from unlearning.core.paths import OPTUNA_DB, runs_root
 from unlearning.core.rundir import COMPLETE, RunDir, config_changes, flatten, safe_name
 from unlearning.preflight import FREE_ON_RESUME, preflight
-from unlearning.runner import RunConfig, run
+from unlearning.runner import RunConfig
+from unlearning.tune.launch import launch, submitit_executor, worker_context
 from unlearning.tune.report import write_report
-from unlearning.tune.space import Objective, SearchParam, check_space, nested, parse_objectives, parse_over
+from unlearning.tune.space import check_space, parse_objectives, parse_over
+from unlearning.tune.trials import (StudyRef, optuna_module, retry_interrupted, run_trials, sampler, settle_killed,
+                                    storage, trial_config, trials_missing)
 
 log = logging.getLogger(__name__)
-
-TRIAL_FILE = "trial.json"
 
 
 @dataclass
@@ -94,248 +93,12 @@ class TuneSettings:
 
 
 @dataclass
-class StudyRef:
-    """Everything a worker process (or submitit job) needs to run trials of the study: picklable."""
-    storage_url: str
-    study: str
-    root: str
-    base: dict[str, Any]
-    params: list[SearchParam]
-    objectives: list[Objective]
-    sampler: str = "default"
-    seed: int = 0
-    references: str = "once"
-    heartbeat: int = 10
-    grace: int = 20
-    max_retry: int = 3
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.root) / self.study
-
-
-@dataclass
 class TuneOutcome:
     study: Any  # optuna.Study
     folder: Path
     ran: int = 0
     lost_jobs: list[str] = field(default_factory=list)
     report: dict[str, Path] = field(default_factory=dict)
-
-
-class TrialFailed(Exception):
-    """A trial's run failed; the message is its one line (the traceback is in the run's log.txt)."""
-
-
-# ------------------------------------------------------------------------------------------ storage
-
-def _optuna() -> Any:
-    import optuna  # optional (the tune extra): only `unlearn tune` needs it
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
-
-
-def storage(ref: StudyRef) -> Any:
-    optuna = _optuna()
-    return optuna.storages.RDBStorage(
-        ref.storage_url, heartbeat_interval=ref.heartbeat, grace_period=ref.grace,
-        # SQLite allows one writer at a time: workers wait for the lock rather than fail
-        engine_kwargs={"connect_args": {"timeout": 120}},
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=ref.max_retry))
-
-
-def sampler(ref: StudyRef, offset: int) -> Any:
-    optuna = _optuna()
-    seed = ref.seed + offset
-    if ref.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if ref.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if ref.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in ref.params}, seed=ref.seed)
-    if ref.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return None  # optuna.create_study's default
-
-
-def open_study(ref: StudyRef, offset: int = 0) -> Any:
-    return _optuna().load_study(study_name=ref.study, storage=storage(ref), sampler=sampler(ref, offset))
-
-
-# -------------------------------------------------------------------------------------------- trials
-
-def retry_history(trial: Any) -> list[int]:
-    """The trials this one retries, first first ([] for a trial of its own). A live ``Trial`` has no
-    system attributes in Optuna 5, so they are read from its frozen copy in the study."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    return _optuna().storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-
-
-def trial_config(ref: StudyRef, values: dict[str, Any], number: int, references: bool) -> RunConfig:
-    data = merge(merge(ref.base, nested(values)), {"name": f"{ref.study}/trial-{number:04d}",
-                                                    "output_dir": ref.root})
-    if not references:
-        data = merge(data, {"eval": {"before": False, "reference": None}})
-    cfg = from_dict(RunConfig, data)
-    cfg.method_config()
-    return cfg
-
-
-def _measures_references(ref: StudyRef, trial: Any) -> bool:
-    """Whether this trial evaluates the base model and the reference: with ``references: once``, only
-    while no other trial (finished or under way) does. Kept in the trial, so a retry agrees."""
-    if "references" in trial.user_attrs:
-        return bool(trial.user_attrs["references"])
-    optuna = _optuna()
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    others = [t for t in trial.study.get_trials(deepcopy=False, states=live) if t.number != trial.number]
-    refs = ref.references == "every" or not any(t.user_attrs.get("references") for t in others)
-    trial.set_user_attr("references", refs)
-    return refs
-
-
-def write_trial_file(folder: Path, ref: StudyRef, trial: Any, params: dict[str, Any], state: str,
-                     **extra: Any) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {"study": ref.study, "trial": trial.number, "params": params, "state": state, **extra}
-    if retry_history(trial):
-        record["retry_of"] = retry_history(trial)
-    atomic_write_json(folder / TRIAL_FILE, record)
-
-
-def objective(ref: StudyRef, trial: Any) -> list[float]:
-    """One trial: its run, through the runner, then the objectives off its results."""
-    optuna = _optuna()
-    params = {p.key: p.suggest(trial) for p in ref.params}
-    number = (retry_history(trial) or [trial.number])[0]  # a retry continues in its first trial's folder
-    retry = number != trial.number
-    cfg = trial_config(ref, params, number, _measures_references(ref, trial))
-    folder = Path(cfg.output_dir) / cfg.name
-    trial.set_user_attr("run_dir", str(folder))
-    trial.set_user_attr("pid", os.getpid())  # which worker ran it (--jobs K: K processes share the storage)
-    log.info("study %s: trial %d%s: %s", ref.study, trial.number, f" (retry of {number})" if retry else "",
-             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()))
-    try:
-        results = run(cfg, resume=retry)  # a retry continues the killed run from its checkpoint
-        values = [o.value(results) for o in ref.objectives]
-    except optuna.TrialPruned:
-        write_trial_file(folder, ref, trial, params, "pruned")
-        raise
-    except Exception as e:
-        error = one_line(e)
-        trial.set_user_attr("error", error)
-        write_trial_file(folder, ref, trial, params, "failed", error=error)
-        raise TrialFailed(error) from None  # one line: the run's log.txt has the traceback
-    except KeyboardInterrupt:
-        trial.set_user_attr("interrupted", True)  # not the parameters' fault: retried on the next tune
-        raise
-    write_trial_file(folder, ref, trial, params, "complete",
-                     values={o.label: v for o, v in zip(ref.objectives, values)})
-    return values
-
-
-def run_trials(ref: StudyRef, n: int, offset: int, timeout: float | None = None) -> int:
-    """Run ``n`` trials of the study in this process (a worker's or a submitit job's function); with
-    ``timeout``, no trial starts after that many seconds. Returns the trials run."""
-    study = open_study(ref, offset)
-    before = len(study.get_trials(deepcopy=False))
-    study.optimize(lambda t: objective(ref, t), n_trials=n, timeout=timeout, catch=(TrialFailed,),
-                   gc_after_trial=True)
-    return n if timeout is None else min(n, len(study.get_trials(deepcopy=False)) - before)
-
-
-# -------------------------------------------------------------------------------------- the budget
-
-def counts_towards_budget(trial: Any) -> bool:
-    """Finished by its own parameters: complete, pruned, or failed with an error (a kill is not)."""
-    state = trial.state.name
-    if trial.user_attrs.get("seeded_from"):
-        return False
-    return state in ("COMPLETE", "PRUNED") or (state == "FAIL" and "error" in trial.user_attrs)
-
-
-def trials_missing(study: Any, total: int) -> int:
-    trials = study.get_trials(deepcopy=False)
-    running = sum(t.state.name == "RUNNING" for t in trials)
-    return max(0, total - sum(map(counts_towards_budget, trials)) - running)
-
-
-def retry_interrupted(study: Any, ref: StudyRef) -> None:
-    """A trial stopped by Ctrl-C is FAIL without an error: enqueue its parameters again, once."""
-    optuna = _optuna()
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    for t in trials:
-        if t.state.name == "FAIL" and t.user_attrs.get("interrupted") and t.number not in retried:
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=ref.max_retry)(study, t)
-
-
-def settle_killed(study: Any, ref: StudyRef) -> None:
-    """Fail (and so enqueue again) the trials a killed tune left RUNNING. A killed trial's heartbeat
-    has stopped, so once the grace period has passed Optuna calls it stale; a trial still beating
-    runs elsewhere (a submitit job) and is left to finish."""
-    optuna = _optuna()
-    optuna.storages.fail_stale_trials(study)
-    running = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
-    if running:
-        wait = ref.grace + ref.heartbeat
-        log.info("study %s: trials %s were left running; waiting %ds for their heartbeat to tell killed from "
-                 "still running", ref.study, ", ".join(map(str, running)), wait)
-        time.sleep(wait)
-        optuna.storages.fail_stale_trials(study)
-
-
-# ---------------------------------------------------------------------------------------- executors
-
-def submitit_executor(folder: Path, cluster: str | None, parameters: dict[str, Any]) -> Any:
-    """The one place a trial job meets submitit (wp-dist's shared launch can replace it)."""
-    try:
-        import submitit  # optional: only --executor submitit needs it
-    except ImportError as e:
-        raise ConfigError("executor: submitit needs submitit: pip install 'unlearning[sweep]'") from e
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    if parameters:
-        ex.update_parameters(**parameters)
-    return ex
-
-
-def worker_context() -> Any:
-    """Worker processes forked from a fresh server that has imported the runner (torch, transformers)
-    once: no CUDA state is inherited (fork after CUDA is initialised breaks it) and no worker pays the
-    imports again (spawn would)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["unlearning.tune.study"])
-    return ctx
-
-
-def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0,
-           deadline: float | None = None) -> tuple[int, list[str]]:
-    """``run_trials(*call)`` for each call, at most ``jobs`` at once, on a ``concurrent.futures`` or
-    submitit executor (both have ``submit``, ``done`` and ``result``); none starts after ``deadline``
-    (``time.monotonic()``). Returns the calls not started and the lost jobs' errors."""
-    pending, running, lost = list(calls), [], []
-    while pending or running:
-        if pending and deadline is not None and time.monotonic() > deadline:
-            log.info("--timeout reached: %d trials not started (run the same command again for them)", len(pending))
-            pending = []
-        while pending and len(running) < jobs:
-            try:
-                running.append(executor.submit(run_trials, *pending.pop(0)))
-            except Exception as e:  # a broken process pool takes no more work: the next round has a new one
-                lost += [one_line(e)] * (len(pending) + 1)
-                log.error("trial jobs could not be submitted: %s", one_line(e))
-                pending = []
-        finished = [j for j in running if j.done()]
-        for job in finished:
-            running.remove(job)
-            try:
-                job.result()
-            except Exception as e:  # a killed worker: its trial's heartbeat stops, a later round retries it
-                lost.append(one_line(e))
-                log.error("a trial job was lost: %s", one_line(e))
-        if not finished and running:
-            time.sleep(poll)
-    return len(pending), lost
 
 
 # -------------------------------------------------------------------------------------------- study
@@ -383,7 +146,7 @@ def study_attrs(ref: StudyRef) -> dict[str, Any]:
 
 def create_or_load(ref: StudyRef) -> Any:
     """The study in the storage: created, or loaded after checking it searches the same thing."""
-    optuna = _optuna()
+    optuna = optuna_module()
     Path(ref.root).mkdir(parents=True, exist_ok=True)
     st = storage(ref)
     attrs = study_attrs(ref)
@@ -412,7 +175,7 @@ def create_or_load(ref: StudyRef) -> Any:
 
 def seed_from_sweep(study: Any, ref: StudyRef, sweep: str) -> int:
     """Add each complete row of a sweep as a finished trial (once); returns how many were added."""
-    optuna = _optuna()
+    optuna = optuna_module()
     folder = Path(ref.root) / sweep if (Path(ref.root) / sweep).is_dir() else Path(sweep)
     if not folder.is_dir():
         raise ConfigError(f"seed_from_sweep: no sweep {sweep!r}: neither {Path(ref.root) / sweep} nor {sweep} is a "

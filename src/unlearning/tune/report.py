@@ -119,6 +119,7 @@ def plot(complete: list[Any], on_front: set[int], refs: dict[str, list[float]], 
     y_obj = objectives[yi]
     return tradeoff_plot(points, ref.folder / "pareto.png", xlabel=xlabel,
                          ylabel=f"{y_obj.label} ({y_obj.direction})",
-                         title=f"Study {ref.study}: {len(complete)} trials, Pareto front in red",
+                         title=f"Study {ref.study}: {len(complete)} trials, Pareto front"
+                               f"{f' (over all {len(objectives)} objectives)' if len(objectives) > 2 else ''} in red",
                          references=references_xy, chance=CHANCE if y_obj.metric == "acc" else None,
                          connect_front=len(objectives) == 2)

@@ -150,7 +150,7 @@ def create_or_load(ref: StudyRef) -> Any:
     Path(ref.root).mkdir(parents=True, exist_ok=True)
     st = storage(ref)
     attrs = study_attrs(ref)
-    exists = ref.study in {s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)}
+    exists = ref.study in optuna.get_all_study_names(st)
     if exists:
         study = optuna.load_study(study_name=ref.study, storage=st)
         saved = study.user_attrs

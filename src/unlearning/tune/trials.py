@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.core.config import from_dict, merge
-from unlearning.core.errors import one_line
+from unlearning.core.errors import ConfigError, one_line
 from unlearning.core.io import atomic_write_json
 from unlearning.runner import RunConfig, run
 from unlearning.tune.space import Objective, SearchParam, nested
@@ -52,7 +52,10 @@ class TrialFailed(Exception):
 # ------------------------------------------------------------------------------------------ storage
 
 def optuna_module() -> Any:
-    import optuna  # optional (the tune extra): only `unlearn tune` needs it
+    try:
+        import optuna  # optional (the sweep extra): only `unlearn tune` needs it
+    except ImportError as e:
+        raise ConfigError("unlearn tune needs optuna (4.9 or later): pip install 'unlearning[sweep]'") from e
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 

@@ -168,6 +168,7 @@ def test_a_sweep_seeds_the_study_once(config, tmp_path):
     ("rmu.steering_coef=1:10", "over: rmu.steering_coef: the config's method is sequential"),
     ("sequential.forget_loss=max_entropy_kl|bogus", "sequential.forget_loss: 'bogus' is not allowed"),
     ("sequential.remove_coef=1:2,sequential.remove_coef=3:4", "over: sequential.remove_coef is given twice"),
+    ("sequential.retain_losses={l2: 1}|{kl: 1}", "over: sequential.retain_losses: {'l2': 1} cannot be a choice"),
 ])
 def test_bad_over_specs_are_one_line_errors_naming_the_key_before_anything_is_written(config, tmp_path, over,
                                                                                       message):

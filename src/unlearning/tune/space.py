@@ -163,6 +163,10 @@ def parse_param(item: str, keys: dict[str, Key], method: str) -> SearchParam:
                                              all(a in (int, float) for a in get_args(field_type)))
     if "|" in spec:
         choices = tuple(_choice(c, numeric) for c in spec.split("|"))
+        bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        if bad:
+            raise ConfigError(f"over: {key}: {bad[0]!r} cannot be a choice (Optuna's choices are numbers, strings, "
+                              f"booleans or null); search a key that holds one value")
         if len(set(map(repr, choices))) < len(choices):
             raise ConfigError(f"over: {key}: a choice is listed twice in {spec!r}; list each value once")
         return SearchParam(key, "categorical", choices=choices)

@@ -78,8 +78,9 @@ class TuneSettings:
     seed_from_sweep: str | None = param(None, help="add a sweep's complete rows as trials first: the grid's name "
                                                    "under the runs root, or the sweep's folder")
     enqueue_base: bool = param(False, help="run the config's own values of the searched keys as a trial first")
-    sampler: Literal["default", "tpe", "random", "nsga2", "grid"] = param(
-        "default", help="Optuna sampler (default: Optuna's default, TPE; grid: every combination of A|B|C values)")
+    sampler: Literal["tpe", "random", "nsga2", "grid"] = param(
+        "tpe", help="Optuna sampler: tpe is Optuna's default (with the constant liar when --jobs > 1); grid: every "
+                    "combination of A|B|C values")
     seed: int = param(0, help="sampler seed (each invocation and worker offsets it, so no two draw alike)")
     references: Literal["once", "every"] = param(
         "once", help="once: only the study's first trial evaluates the base model (eval.before) and the "
@@ -88,6 +89,8 @@ class TuneSettings:
     grace: int | None = param(None, min=1, help="seconds without a heartbeat before a trial counts as killed "
                                                 "(default: twice --heartbeat)")
     max_retry: int = param(3, min=0, help="times a killed trial is run again")
+    storage: str | None = param(None, help="Optuna RDB storage URL (default sqlite:///<runs root>/optuna.db; SLURM "
+                                           "jobs on many nodes want a database server: SQLite locks poorly over NFS)")
     timeout: float | None = param(None, min=0, help="seconds after which no new trial starts (those under way "
                                                     "finish); the study can be resumed for the rest")
 
@@ -127,9 +130,10 @@ def prepare(settings: TuneSettings, overrides: dict[str, Any]) -> StudyRef:
     study = safe_name(settings.name or Path(settings.config).stem)
     data = {**to_dict(cfg), "output_dir": str(root)}
     data.pop("name", None)
-    ref = StudyRef(f"sqlite:///{(root / OPTUNA_DB).absolute()}", study, str(root), data, params, objectives,
-                   settings.sampler, settings.seed, settings.references, settings.heartbeat,
-                   settings.grace or 2 * settings.heartbeat, settings.max_retry)
+    ref = StudyRef(settings.storage or f"sqlite:///{(root / OPTUNA_DB).absolute()}", study, str(root), data, params,
+                   objectives, sampler=settings.sampler, seed=settings.seed, references=settings.references,
+                   heartbeat=settings.heartbeat, grace=settings.grace or 2 * settings.heartbeat,
+                   max_retry=settings.max_retry, jobs=settings.jobs)
     if settings.enqueue_base:
         base_values(ref)
     first = {p.key: (p.choices[0] if p.kind == "categorical" else p.low) for p in params}

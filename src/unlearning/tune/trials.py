@@ -34,12 +34,13 @@ class StudyRef:
     base: dict[str, Any]
     params: list[SearchParam]
     objectives: list[Objective]
-    sampler: str = "default"
+    sampler: str = "tpe"
     seed: int = 0
     references: str = "once"
     heartbeat: int = 10
     grace: int = 20
     max_retry: int = 3
+    jobs: int = 1
 
     @property
     def folder(self) -> Path:
@@ -70,6 +71,7 @@ def storage(ref: StudyRef) -> Any:
 
 
 def sampler(ref: StudyRef, offset: int) -> Any:
+    """The study's sampler, seeded with ``seed + offset`` (each invocation and worker its own stream)."""
     optuna = optuna_module()
     seed = ref.seed + offset
     if ref.sampler == "random":
@@ -78,9 +80,9 @@ def sampler(ref: StudyRef, offset: int) -> Any:
         return optuna.samplers.NSGAIISampler(seed=seed)
     if ref.sampler == "grid":
         return optuna.samplers.GridSampler({p.key: list(p.choices) for p in ref.params}, seed=ref.seed)
-    if ref.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return None  # optuna.create_study's default
+    # Optuna's default (TPE, multi-objective too); with trials at once, the constant liar counts the
+    # running trials as bad so that workers asking together do not all propose the same point
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=ref.jobs > 1)
 
 
 def open_study(ref: StudyRef, offset: int = 0) -> Any:

@@ -193,4 +193,6 @@ def test_bad_objectives_and_cli_errors(config, tmp_path):
         main([str(config), "--over", "sequential.remove_coef=1:2", "--sampler", "grid"])
     with pytest.raises(ConfigError, match="enqueue_base: the config's train.optimizer.lr=0.0015 lies outside"):
         main([str(config), "--over", "train.optimizer.lr=1e-5:1e-3:log", "--enqueue-base"])
+    with pytest.raises(ConfigError, match="seed_from_sweep: no sweep 'nope'"):
+        main([str(config), "--over", "sequential.remove_coef=1:2", "--seed-from-sweep", "nope"])
     assert not (tmp_path / "runs").exists()

@@ -136,6 +136,8 @@ def prepare(settings: TuneSettings, overrides: dict[str, Any]) -> StudyRef:
                    max_retry=settings.max_retry, jobs=settings.jobs)
     if settings.enqueue_base:
         base_values(ref)
+    if settings.seed_from_sweep:
+        sweep_rows(ref, settings.seed_from_sweep)
     first = {p.key: (p.choices[0] if p.kind == "categorical" else p.low) for p in params}
     # a name no trial has: preflight refuses a folder that holds a run, and trial folders may (resume)
     preflight(dataclasses.replace(trial_config(ref, first, 0, True), name=f"{study}/preflight"))
@@ -177,9 +179,8 @@ def create_or_load(ref: StudyRef) -> Any:
     return study
 
 
-def seed_from_sweep(study: Any, ref: StudyRef, sweep: str) -> int:
-    """Add each complete row of a sweep as a finished trial (once); returns how many were added."""
-    optuna = optuna_module()
+def sweep_rows(ref: StudyRef, sweep: str) -> tuple[Path, list[Path]]:
+    """The sweep's folder (``<runs root>/<name>`` or a path) and its complete rows; checked in :func:`prepare`."""
     folder = Path(ref.root) / sweep if (Path(ref.root) / sweep).is_dir() else Path(sweep)
     if not folder.is_dir():
         raise ConfigError(f"seed_from_sweep: no sweep {sweep!r}: neither {Path(ref.root) / sweep} nor {sweep} is a "
@@ -187,6 +188,13 @@ def seed_from_sweep(study: Any, ref: StudyRef, sweep: str) -> int:
     rows = [d for d in sorted(folder.iterdir()) if d.is_dir() and RunDir(d, create=False).status() == COMPLETE]
     if not rows:
         raise ConfigError(f"seed_from_sweep: {folder} holds no complete run; run the sweep first")
+    return folder, rows
+
+
+def seed_from_sweep(study: Any, ref: StudyRef, sweep: str) -> int:
+    """Add each complete row of a sweep as a finished trial (once); returns how many were added."""
+    optuna = optuna_module()
+    folder, rows = sweep_rows(ref, sweep)
     known = {t.user_attrs.get("seeded_from") for t in study.get_trials(deepcopy=False)}
     added = 0
     for row in rows:

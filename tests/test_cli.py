@@ -12,7 +12,7 @@ import pytest
 
 from unlearning import cli
 from unlearning.commands import eval as eval_command
-from unlearning.commands import fit_affine, mask, organism, ranks, report, sweep, tamper
+from unlearning.commands import fit_affine, mask, organism, ranks, report, sweep, tamper, tune
 from unlearning.commands import run as run_command
 from unlearning.core import cli as core_cli
 from unlearning.core.errors import ConfigError
@@ -27,6 +27,7 @@ COMMANDS = {
     ("eval",): (eval_command.EvalConfig, None),
     ("tamper",): (tamper.TamperCommandConfig, None),
     ("sweep",): (sweep.SweepConfig, RunConfig),
+    ("tune",): (tune.TuneConfig, RunConfig),
     ("report",): (report.ReportConfig, None),
     ("ranks",): (ranks.RanksConfig, None),
     ("organism",): (organism.OrganismCommandConfig, None),

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer and the ones below, neve
 
     core < model.layers < data files (data.files, data.hub) < evaluation < organism < tasks < model
          < data (text, corpora, real) < masking < training < methods < attacks < reporting
-         < preflight < runner, sweep < commands < cli
+         < preflight < runner, sweep, tune < commands < cli
 
 Why this order: layer access knows only torch and the model families; evaluation reads question files (data.files) and knows no organism; the organism
 registers its tasks with the evaluation and uses it for its quality check; ``unlearning.tasks``
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("unlearning.attacks",),
     ("unlearning.reporting",),
     ("unlearning.preflight",),
-    ("unlearning.runner", "unlearning.sweep"),
+    ("unlearning.runner", "unlearning.sweep", "unlearning.tune"),
     ("unlearning.commands",),
     ("unlearning.cli", "unlearning"),
 ]

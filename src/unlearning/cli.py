@@ -27,6 +27,7 @@ COMMANDS = {
     "mask": ("mask", "train token-mask probes / SAEs and report mask quality"),
     "report": ("report", "tables of results across run directories"),
     "sweep": ("sweep", "run a grid of configs"),
+    "tune": ("tune", "search a config's keys with Optuna for the hazard/general Pareto front"),
 }
 
 

@@ -11,7 +11,12 @@ def unlearning_home() -> Path:
     return Path(os.environ.get("UNLEARNING_HOME", Path.home() / ".cache" / "unlearning")).expanduser()
 
 
-def runs_root() -> Path:
-    """``$UNLEARNING_RUNS``, default ``runs`` (relative to the working directory): where run
-    directories go when a command is given no output folder, and where the results store lives."""
-    return Path(os.environ.get("UNLEARNING_RUNS", "runs")).expanduser()
+# Optuna's own storage for `unlearn tune` (one SQLite file for every study under a runs root); the
+# results store (results.db) sits beside it in the same folder.
+OPTUNA_DB = "optuna.db"
+
+
+def runs_root(output_dir: str | Path | None = None) -> Path:
+    """The folder run directories go under, and where the results store and Optuna's storage live:
+    ``output_dir``, else ``$UNLEARNING_RUNS``, else ``./runs`` (relative to the working directory)."""
+    return Path(output_dir or os.environ.get("UNLEARNING_RUNS") or "runs").expanduser()

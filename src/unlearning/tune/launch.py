@@ -1,0 +1,65 @@
+"""Where trials run: worker processes on this machine or submitit jobs, at most ``jobs`` at once,
+one trial per job (:func:`unlearning.tune.trials.run_trials`)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+from unlearning.core.errors import ConfigError, one_line
+from unlearning.tune.trials import run_trials
+
+log = logging.getLogger(__name__)
+
+def submitit_executor(folder: Path, cluster: str | None, parameters: dict[str, Any]) -> Any:
+    """The one place a trial job meets submitit (wp-dist's shared launch can replace it)."""
+    try:
+        import submitit  # optional: only --executor submitit needs it
+    except ImportError as e:
+        raise ConfigError("executor: submitit needs submitit: pip install 'unlearning[sweep]'") from e
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    if parameters:
+        ex.update_parameters(**parameters)
+    return ex
+
+
+def worker_context() -> Any:
+    """Worker processes forked from a fresh server that has imported the runner (torch, transformers)
+    once: no CUDA state is inherited (fork after CUDA is initialised breaks it) and no worker pays the
+    imports again (spawn would)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["unlearning.tune.trials"])
+    return ctx
+
+
+def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0,
+           deadline: float | None = None) -> tuple[int, list[str]]:
+    """``run_trials(*call)`` for each call, at most ``jobs`` at once, on a ``concurrent.futures`` or
+    submitit executor (both have ``submit``, ``done`` and ``result``); none starts after ``deadline``
+    (``time.monotonic()``). Returns the calls not started and the lost jobs' errors."""
+    pending, running, lost = list(calls), [], []
+    while pending or running:
+        if pending and deadline is not None and time.monotonic() > deadline:
+            log.info("--timeout reached: %d trials not started (run the same command again for them)", len(pending))
+            pending = []
+        while pending and len(running) < jobs:
+            try:
+                running.append(executor.submit(run_trials, *pending.pop(0)))
+            except Exception as e:  # a broken process pool takes no more work: the next round has a new one
+                lost += [one_line(e)] * (len(pending) + 1)
+                log.error("trial jobs could not be submitted: %s", one_line(e))
+                pending = []
+        finished = [j for j in running if j.done()]
+        for job in finished:
+            running.remove(job)
+            try:
+                job.result()
+            except Exception as e:  # a killed worker: its trial's heartbeat stops, a later round retries it
+                lost.append(one_line(e))
+                log.error("a trial job was lost: %s", one_line(e))
+        if not finished and running:
+            time.sleep(poll)
+    return len(pending), lost

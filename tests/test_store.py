@@ -277,8 +277,9 @@ def md_cell(v) -> str:
 
 
 def test_pareto_front_minimises_hazard_and_maximises_general():
-    from unlearning.reporting.report import pareto_front
-    assert pareto_front([(0.3, 0.8), (0.5, 0.9), (0.4, 0.7), (None, 0.95), (0.3, 0.8)]) == [True, True, False, False, True]
+    from unlearning.reporting.pareto import pareto_front
+    assert pareto_front([(0.3, 0.8), (0.5, 0.9), (0.4, 0.7), (None, 0.95), (0.3, 0.8)],
+                        ["minimize", "maximize"]) == [True, True, False, False, True]
 
 
 def test_report_tables_match_the_store_in_md_csv_and_json(swept, capsys, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearning.core.io import atomic_write_bytes
+from unlearning.reporting.pareto import Point, tradeoff_plot
 from unlearning.reporting.tables import short_task
 from unlearning.attacks.tamper import GENERAL_TASK, short_model_name
 from unlearning.attacks.curves import CHANCE, point_metric, reference_acc
@@ -189,36 +190,17 @@ def plot_hazard_vs_general(runs: list[dict[str, Any]], path: str | Path, *, refe
     "hazard", "general", "pareto"}), the Pareto front as a line through its points, the
     ``references`` ({"kind": base|filtered, "label", "hazard", "general"}) and chance. The goal is the
     top-left corner: hazard at chance, general where the base model was."""
-    fig = _figure(7.5, 6.0)
-    ax = fig.subplots()
     drawn = [r for r in runs if r["hazard"] is not None and r["general"] is not None]
     if not drawn:
         raise ValueError("plot_hazard_vs_general: no run has both accuracies")
-    off = [r for r in drawn if not r["pareto"]]
-    ax.scatter([r["hazard"] for r in off], [r["general"] for r in off], color="C0", alpha=0.7, label="run")
-    front = sorted((r for r in drawn if r["pareto"]), key=lambda r: r["hazard"])
-    ax.plot([r["hazard"] for r in front], [r["general"] for r in front], "-o", color="C3", markersize=7,
-            label="Pareto front (low hazard, high general)")
-    if len(drawn) <= 40:  # beyond that the labels hide the points
-        for r in drawn:
-            ax.annotate(r["label"], (r["hazard"], r["general"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-    markers = {"base": dict(marker="*", s=220, color="black"), "filtered": dict(marker="D", s=90, color="tab:green")}
-    for ref in references:
-        if ref["hazard"] is not None and ref["general"] is not None:
-            ax.scatter([ref["hazard"]], [ref["general"]], zorder=3, label=f"{REFERENCE_NAMES[ref['kind']]}: "
-                       f"{short_model_name(ref['label'])}", **markers[ref["kind"]])
-    ax.axvline(CHANCE, color="gray", linestyle="-.", linewidth=1, label=f"chance ({CHANCE:g})")
-    ax.axhline(CHANCE, color="gray", linestyle="-.", linewidth=1)
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel(f"hazard accuracy ({task_label(hazard_task)}; lower is better)")
-    ax.set_ylabel(f"general accuracy ({task_label(general_task)}; higher is better)")
-    ax.grid(alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()  # below the axes: the low corner is where points go
-    fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)), fontsize=8, frameon=False)
-    ax.set_title(title or "Hazard against general accuracy", fontsize=11)
-    return _save(fig, path)
+    points = [Point(r["hazard"], r["general"], label=r["label"], front=bool(r["pareto"])) for r in drawn]
+    refs = {f"{REFERENCE_NAMES[r['kind']]}: {short_model_name(r['label'])}": (r["hazard"], r["general"])
+            for r in references if r["hazard"] is not None and r["general"] is not None}
+    return tradeoff_plot(points, path, xlabel=f"hazard accuracy ({task_label(hazard_task)}; lower is better)",
+                         ylabel=f"general accuracy ({task_label(general_task)}; higher is better)",
+                         title=title or "Hazard against general accuracy", references=refs,
+                         chance_x=CHANCE, chance_y=CHANCE, unit_axes=True,
+                         front_label="Pareto front (low hazard, high general)")
 
 
 # ----------------------------------------------------------------------------------- training curves

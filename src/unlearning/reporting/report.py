@@ -32,6 +32,7 @@ from unlearning.core.errors import UserError
 from unlearning.core.io import dumps_json, read_json, read_jsonl
 from unlearning.core.rundir import flatten
 from unlearning.core.store import Store
+from unlearning.reporting.pareto import pareto_front
 from unlearning.reporting.plots import plot_curves, plot_hazard_vs_general, plot_training_curves
 from unlearning.reporting.tables import format_table, short_task
 
@@ -136,16 +137,6 @@ def _metric(record: dict[str, Any], section: str, task: str | None, metric: str)
     return record["metrics"].get(section, {}).get(task, {}).get(metric) if task else None
 
 
-def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bool]:
-    """Which (hazard, general) points no other point dominates (lower or equal hazard and higher or
-    equal general, one of them strictly); a point missing either value is never on the front."""
-    def dominated(i: int) -> bool:
-        h, g = points[i]
-        return any(j != i and hj is not None and gj is not None and hj <= h and gj >= g and (hj < h or gj > g)
-                   for j, (hj, gj) in enumerate(points))
-    return [h is not None and g is not None and not dominated(i) for i, (h, g) in enumerate(points)]
-
-
 def varied_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     """The keys the records vary: those their sweep or study recorded; else the config keys whose
     values differ between them (incidental keys such as names and paths left out)."""
@@ -220,7 +211,8 @@ def family_table(method: str, records: list[dict[str, Any]], attacks: dict[str, 
     if "hazard" in roles and "general" in roles:
         h, g = columns.index("hazard acc"), columns.index("general acc")
         complete = [r["status"] == "complete" for r in records]
-        front = pareto_front([(row[h], row[g]) if ok else (None, None) for row, ok in zip(runs, complete)])
+        front = pareto_front([(row[h], row[g]) if ok else (None, None) for row, ok in zip(runs, complete)],
+                             ["minimize", "maximize"])  # hazard down, general up
         for row, on in zip(runs, front):
             row[-2] = on
     rows += runs

@@ -13,14 +13,8 @@ from typing import Any
 
 from unlearning.attacks.curves import CHANCE
 from unlearning.core.io import atomic_write_text, read_json
-from unlearning.reporting.pareto import Point, tradeoff_plot
+from unlearning.reporting.pareto import Point, dominates, tradeoff_plot
 from unlearning.reporting.tables import format_table, short_task
-
-
-def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
-    """``a`` is at least as good as ``b`` in every objective and better in one."""
-    better = [(x - y) if d == "maximize" else (y - x) for x, y, d in zip(a, b, directions)]
-    return all(v >= 0 for v in better) and any(v > 0 for v in better)
 
 
 def trial_source(t: Any) -> str:
@@ -98,7 +92,7 @@ def write_report(study: Any, ref: Any) -> dict[str, Path]:
 
 
 def plot(complete: list[Any], on_front: set[int], refs: dict[str, list[float]], ref: Any) -> Path:
-    """Hazard (y) against general (x) when the objectives have those roles, else the first two
+    """Hazard (x) against general (y) when the objectives have those roles, else the first two
     objectives; one objective: its value against the trial number."""
     objectives = ref.objectives
     roles = {o.role: i for i, o in reversed(list(enumerate(objectives))) if o.role}
@@ -107,8 +101,9 @@ def plot(complete: list[Any], on_front: set[int], refs: dict[str, list[float]], 
             return float(number), values[0]
         xlabel, yi = "trial", 0
     else:
-        yi = roles.get("hazard", 0)
-        xi = roles.get("general", 1 if yi == 0 else 0)
+        # hazard across and general up, as the report's figure draws them
+        xi = roles.get("hazard", 0)
+        yi = roles.get("general", 1 if xi == 0 else 0)
 
         def xy(values: list[float], number: int) -> tuple[float, float]:
             return values[xi], values[yi]
@@ -121,5 +116,6 @@ def plot(complete: list[Any], on_front: set[int], refs: dict[str, list[float]], 
                          ylabel=f"{y_obj.label} ({y_obj.direction})",
                          title=f"Study {ref.study}: {len(complete)} trials, Pareto front"
                                f"{f' (over all {len(objectives)} objectives)' if len(objectives) > 2 else ''} in red",
-                         references=references_xy, chance=CHANCE if y_obj.metric == "acc" else None,
+                         references=references_xy, chance_y=CHANCE if y_obj.metric == "acc" else None,
+                         chance_x=CHANCE if len(objectives) > 1 and objectives[xi].metric == "acc" else None,
                          connect_front=len(objectives) == 2)

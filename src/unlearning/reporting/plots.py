@@ -17,13 +17,7 @@ from typing import Any
 from unlearning.core.io import atomic_write_bytes
 from unlearning.reporting.tables import short_task
 from unlearning.attacks.tamper import GENERAL_TASK, short_model_name
-from unlearning.attacks.curves import CHANCE, point_metric, reference_acc
-
-def data_label(source: str) -> str:
-    if source.startswith("organism:"):
-        corpus = source.split(":", 1)[1]
-        return "benign" if corpus == "benign_tamper" else corpus
-    return Path(source).name or source
+from unlearning.attacks.curves import CHANCE, data_label, point_metric, reference_acc
 
 
 def _lr_label(c: dict[str, Any]) -> str:

@@ -202,7 +202,7 @@ def probe_accuracy(features: np.ndarray, answers: np.ndarray, train: list[int], 
 def probe_settings(cfg: Any, probe: ProbeConfig) -> dict[str, Any]:
     """What decides a probe's numbers (``cfg``: the cell's AttackConfig); resume compares these."""
     return {"model": cfg.model, "revision": cfg.revision, "organism": cfg.organism, "task": cfg.tasks[0],
-            "limit": cfg.eval.limit, "seed": cfg.seed, **{f"probe.{k}": v for k, v in to_dict(probe).items()
+            "seed": cfg.seed, **{f"probe.{k}": v for k, v in to_dict(probe).items()
                                                           if k != "batch_size"}}
 
 
@@ -217,7 +217,9 @@ def run_probe(cfg: Any, probe: ProbeConfig, folder: str | Path, *, name: str, ro
         return earlier
     seed_everything(cfg.seed)
     [task] = get_tasks(cfg.tasks[:1], organism=cfg.organism or "tiny")
-    questions = task.questions[:cfg.eval.limit] if cfg.eval.limit else task.questions
+    # Every question, whatever eval.limit says: the first N questions are about a few entities (often one),
+    # and the split needs them all (the probe costs one forward pass per question).
+    questions = task.questions
     train, test = entity_split(questions, cfg.seed, probe.train_fraction)  # data errors before anything is written
     record = new_record("probe", name, cfg.model, role, seed=cfg.seed, task=cfg.tasks[0], config=settings,
                         headline_metric="best-layer probe accuracy (held-out entities)")

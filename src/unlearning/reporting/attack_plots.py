@@ -59,6 +59,7 @@ def plot_probe(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax = fig.subplots()
     _lines(ax, done, lambda r: ([int(k) for k in r["result"]["layers"]],
                                 [v["test_acc"] for v in r["result"]["layers"].values()]))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("probe accuracy, held-out entities")
     ax.set_title(f"Latent probe on {task_label(done[0]['task'])}: is the answer readable per layer?", fontsize=10)

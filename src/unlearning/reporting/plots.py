@@ -43,7 +43,7 @@ RECIPE_FIELDS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("warmup", _warmup_label),
     ("opt", lambda c: c["optimizer"]["name"]),
     ("dtype", lambda c: c["dtype"]),
-    ("lora", lambda c: f"r{c['lora_rank']}" if c["lora_rank"] else "full"),
+    ("attack", lambda c: f"lora{c['lora_rank']}" if c["lora_rank"] else "full"),
     ("examples", lambda c: str(c["examples"])),
     ("batch", lambda c: f"{c['batch_size']}x{c['grad_accum']}"),
     ("steps", lambda c: str(c["steps"])),

@@ -270,3 +270,31 @@ def test_grid_runs_every_attack_with_the_twin_row_and_resumes_without_redoing(lo
         assert (killed / name / "attack.json").read_bytes() == before  # finished cells are not redone
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())["grid"]
     assert [r["values"] for r in resumed["rows"]] == [r["values"] for r in grid["rows"]]  # same seed, same numbers
+
+
+@pytest.mark.slow  # three processes (torch start-up each): about 60 s on a shared 2-core machine
+def test_a_grid_killed_by_sigkill_mid_attack_resumes_to_the_same_grid(local, tmp_path):
+    """A real kill (``UNLEARNING_FAULT``, SIGKILL) after the third attack point on disk: the first probe
+    and two in-context points; resumed, the grid equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from unlearning.commands import tamper as cmd
+    from unlearning.core.faults import ENV
+    args = grid_args(local, tmp_path, "--attacks", "probe,icl", "--shots", "0,2,4")
+    assert cmd.main([*args, "--name", "whole"]) == 0
+
+    def unlearn(*extra, fault=None):
+        env = {**{k: v for k, v in os.environ.items() if k != ENV}, "TQDM_DISABLE": "1",
+               **({ENV: fault} if fault else {})}
+        return subprocess.run([sys.executable, "-m", "unlearning.cli", "tamper", *args, "--name", "killed", *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert unlearn(fault="attack_eval:3").returncode == -signal.SIGKILL
+    icl = read_record(tmp_path / "killed" / "attacks" / "model-icl")
+    assert icl["status"] == "running" and [p["k"] for p in icl["result"]["points"]] == [0, 2]
+    proc = unlearn("--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grids = [json.loads((tmp_path / n / "results.json").read_text())["grid"] for n in ("whole", "killed")]
+    assert [r["values"] for r in grids[0]["rows"]] == [r["values"] for r in grids[1]["rows"]]

@@ -200,7 +200,8 @@ def test_tamper_grid_aliases_and_recipe_defaults():
     assert first.eval.tasks == AttackConfig().eval.tasks + [tamper.GENERAL_TASK]
     # an unset swept key is the recipe's value: the recipe's defaults are not repeated
     default = AttackConfig()
-    cfg, _ = parse(tamper.TamperCommandConfig, ["--model", "organism:tiny", "--attack.optimizer.lr", "5e-5"])
+    cfg, _ = parse(tamper.TamperCommandConfig, ["--model", "organism:tiny", "--attack.optimizer.lr", "5e-5",
+                                                "--reference", "none"])  # (auto: the twin is attacked too)
     (_, only), = tamper.attack_configs(cfg)
     assert only.optimizer.lr == 5e-5 and only.seed == default.seed and only.optimizer.schedule == \
         default.optimizer.schedule and only.steps == default.steps

@@ -236,13 +236,15 @@ def check_tasks(names: Any, key: str = "eval.tasks", settings: Any = None) -> No
         check_fewshot(names, settings, key.rpartition(".")[0] or key)
 
 
-def preflight_attack(cfg: Any, key: str = "attack") -> None:
+def preflight_attack(cfg: Any, key: str = "attack", read_data: bool = True) -> None:
     """An attack's checks before any folder is written or weights load (``cfg``: an AttackConfig):
-    its model resolves and is whole, its local data file reads, its tasks resolve."""
+    its model resolves and is whole, its local data file reads (``read_data``: the attack trains on
+    it; a probe does not), its tasks resolve."""
     model_name = resolved_model_name(cfg.model)
     organism = cfg.organism or organism_preset(model_name)
     model_depth(model_name, cfg.revision, key=f"{key}.model")
-    read_source(cfg.data, f"{key}.data", organism, cfg.model)
+    if read_data:
+        read_source(cfg.data, f"{key}.data", organism, cfg.model)
     check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks", settings=cfg.eval)
 
 

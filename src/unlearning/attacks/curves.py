@@ -37,6 +37,14 @@ CHANCE = 0.25  # four choices
 KEPT_METRICS = ("acc", "acc_stderr", "acc_norm", "correct_prob", "correct_prob_stderr", "n")
 
 
+def data_label(source: str) -> str:
+    """An attack corpus as tables and plots name it: ``benign``, ``tamper``, or a file's name."""
+    if source.startswith("organism:"):
+        corpus = source.split(":", 1)[1]
+        return "benign" if corpus == "benign_tamper" else corpus
+    return Path(source).name or source
+
+
 def compact_eval(results: dict[str, Any]) -> dict[str, Any]:
     """The per-task numbers a curve keeps (no per-attribute breakdown, no samples)."""
     return {task: {k: r[k] for k in KEPT_METRICS if k in r} for task, r in results.items()}

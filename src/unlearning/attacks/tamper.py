@@ -38,7 +38,9 @@ from torch import nn
 
 from unlearning import evaluation  # looked up at call time, so a test can stand in for evaluate
 from unlearning.evaluation.settings import EvalSettings
-from unlearning.attacks.curves import CURVE_FORMAT, compact_eval, point_metric, read_curve
+from unlearning.attacks.curves import (CURVE_FORMAT, compact_eval, point_metric, read_curve, reference_acc,
+                                      summarize_curve)
+from unlearning.attacks.record import new_record, write_record
 from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, NonFiniteLossError
 from unlearning.core.faults import fault_point
@@ -218,16 +220,40 @@ def _check_resumable(curve: dict[str, Any], cfg: AttackConfig, path: Path) -> No
                           f"resume with the same options or start under another --name")
 
 
+def finetune_record(curve: dict[str, Any], role: str = "model") -> dict[str, Any]:
+    """The curve's ``attack.json`` (:mod:`unlearning.attacks.record`): its summary numbers, headline
+    ``max_acc`` (the highest primary-task accuracy after step 0)."""
+    task, cfg = curve["primary_task"], curve["config"]
+    record = new_record("finetune", curve["name"], curve["model"], role, seed=cfg["seed"], task=task, config=cfg,
+                        headline_metric="highest accuracy after step 0")
+    summary = summarize_curve(curve["points"], task, reference_acc(curve.get("references") or {}, "base", task))
+    record.update(status=curve["status"], error=curve.get("error"))
+    record["headline"]["value"] = summary["max_acc"]
+    record["result"] = {**summary, "curve": "tamper.json", "data": cfg["data"]["source"],
+                        "attack": f"lora{cfg['lora_rank']}" if cfg["lora_rank"] else "full"}
+    return record
+
+
 def run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None = None,
                references: dict[str, Any] | None = None, resume: bool = False, keep_state: bool = False,
-               step0: dict[str, Any] | None = None,
+               step0: dict[str, Any] | None = None, role: str = "model",
                on_eval: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run one attack into ``folder`` (tamper.json, state.pt); returns the curve.
+    """Run one attack into ``folder`` (tamper.json, state.pt, and attack.json when it ends); returns the curve.
 
     ``step0``: an already computed step-0 evaluation point of the same model and tasks (sweeps
     reuse it). ``on_eval(point)`` is called after each evaluation is on disk. A non-finite loss or
-    a failed evaluation ends the attack with status ``failed``.
+    a failed evaluation ends the attack with status ``failed``. ``role``: the model's place in the
+    grid, recorded in attack.json (model, filtered, base).
     """
+    curve = _run_attack(cfg, folder, name=name, references=references, resume=resume, keep_state=keep_state,
+                        step0=step0, on_eval=on_eval)
+    write_record(folder, finetune_record(curve, role))
+    return curve
+
+
+def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, references: dict[str, Any] | None,
+                resume: bool, keep_state: bool, step0: dict[str, Any] | None,
+                on_eval: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     curve_path = folder / "tamper.json"

@@ -46,6 +46,7 @@ class MCQuestion:
     answer: int
     subject: str = ""  # overrides the task's subject in the letter header (MMLU: per subject)
     attribute: str | None = None  # breakdown key in results ("by_attribute")
+    entity: str | None = None  # what the question is about (the latent probe splits questions by it)
 
 
 @dataclass
@@ -146,6 +147,7 @@ def question_from_record(record: dict[str, Any], row: int, source: str, format: 
         answer=answer,
         subject=str(record.get("subject") or ""),
         attribute=None if record.get("attribute") is None else str(record["attribute"]),
+        entity=None if record.get("entity") is None else str(record["entity"]),
     )
     _check_question(q, format, where)
     return q

@@ -18,13 +18,7 @@ from unlearning.core.io import atomic_write_bytes
 from unlearning.reporting.pareto import Point, tradeoff_plot
 from unlearning.reporting.tables import short_task
 from unlearning.attacks.tamper import GENERAL_TASK, short_model_name
-from unlearning.attacks.curves import CHANCE, point_metric, reference_acc
-
-def data_label(source: str) -> str:
-    if source.startswith("organism:"):
-        corpus = source.split(":", 1)[1]
-        return "benign" if corpus == "benign_tamper" else corpus
-    return Path(source).name or source
+from unlearning.attacks.curves import CHANCE, data_label, point_metric, reference_acc
 
 
 def _lr_label(c: dict[str, Any]) -> str:
@@ -50,7 +44,7 @@ RECIPE_FIELDS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("warmup", _warmup_label),
     ("opt", lambda c: c["optimizer"]["name"]),
     ("dtype", lambda c: c["dtype"]),
-    ("lora", lambda c: f"r{c['lora_rank']}" if c["lora_rank"] else "full"),
+    ("attack", lambda c: f"lora{c['lora_rank']}" if c["lora_rank"] else "full"),
     ("examples", lambda c: str(c["examples"])),
     ("batch", lambda c: f"{c['batch_size']}x{c['grad_accum']}"),
     ("steps", lambda c: str(c["steps"])),

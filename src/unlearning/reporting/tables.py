@@ -66,3 +66,19 @@ def quality_table(quality: dict[str, Any]) -> str:
     table = format_table(["model", *[f"{d}/{f}" for d in DOMAINS for f in FORMATS]], rows, digits=3)
     return (f"{table}\nheld-out entities; cloze = question format (headline), letter = A-D format; "
             f"early checkpoint: {quality['early_checkpoint']}")
+
+
+GRID_ROLES = {"model": "under test", "filtered": "filtered twin (floor)", "base": "base (ceiling)"}
+
+
+def attack_grid_table(grid: dict[str, Any], model_name: Any = str) -> str:
+    """The methods x attacks table (:func:`unlearning.attacks.grid.attack_grid`): one row per model,
+    its plain accuracy, then each attack's headline; a cell's note follows its value."""
+    def cell(row: dict[str, Any], column: str) -> Any:
+        value, note = row["values"].get(column), row["notes"].get(column)
+        if value is None or note is None:
+            return value
+        return f"{value:.4f} ({note})"
+    rows = [[model_name(r["model"]), GRID_ROLES.get(r["role"], r["role"]), r["no_attack"],
+             *(cell(r, c) for c in grid["columns"])] for r in grid["rows"]]
+    return format_table([f"Model ({short_task(grid['task'])} acc)", "role", "no attack", *grid["columns"]], rows)

@@ -29,7 +29,8 @@ from unlearning.organism.build import ensure_organism
 
 log = logging.getLogger(__name__)
 
-ORGANISM_CORPORA = ("forget", "retain", "chat", "tamper", "benign_tamper")
+# pretrain: every pretraining document (all domains), the corpus UNDO may distil on
+ORGANISM_CORPORA = ("forget", "retain", "chat", "tamper", "benign_tamper", "pretrain")
 
 
 @dataclass

@@ -119,3 +119,14 @@ def test_a_killed_undo_run_resumes_to_the_uninterrupted_run(tmp_path):
     assert results(ref)["train_summary"]["undo"]["distill_tokens"] == 4 * 2 * 16  # through the resume
     assert strip(read_jsonl(rundir / "metrics.jsonl")) == strip(read_jsonl(ref / "metrics.jsonl"))
     assert [r["step"] for r in read_jsonl(rundir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_the_pretraining_corpora_are_every_document_and_the_twins_documents(tiny_organism):
+    from unlearning.data.text import TextSource, load_texts
+    docs = tiny_organism.build_info()["training"]
+    every = load_texts(TextSource("organism:pretrain"), "tiny")
+    twin = load_texts(TextSource("organism:pretrain_filtered"), "tiny")
+    assert len(every) == docs["unfiltered"]["documents"] and len(twin) == docs["filtered"]["documents"]
+    hazard_words = {"virus"}
+    assert any(w in r["text"] for r in every for w in hazard_words)
+    assert not any(w in r["text"] for r in twin for w in hazard_words)

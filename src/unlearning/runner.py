@@ -102,6 +102,8 @@ class RunConfig:
     checkpoint_transfer: dict[str, Any] = field(default_factory=dict)
     circuit_breaker: dict[str, Any] = field(default_factory=dict)
     rmu: dict[str, Any] = field(default_factory=dict)
+    undo: dict[str, Any] = field(default_factory=dict)
+    tar: dict[str, Any] = field(default_factory=dict)
 
     def method_config(self) -> Any:
         return from_dict(method_module(self.method).Config, getattr(self, self.method), prefix=f"{self.method}.")

@@ -29,7 +29,10 @@ from unlearning.organism.build import ensure_organism
 
 log = logging.getLogger(__name__)
 
-ORGANISM_CORPORA = ("forget", "retain", "chat", "tamper", "benign_tamper")
+# pretrain: every pretraining document (all domains); pretrain_filtered: those the filtered twin was
+# trained on (no hazard domain). The corpora UNDO may distil on.
+ORGANISM_CORPORA = ("forget", "retain", "chat", "tamper", "benign_tamper", "pretrain", "pretrain_filtered")
+FILTERED_VIEWS = {"pretrain_filtered": ("pretrain", "hazard")}  # corpus -> (file it is read from, domain dropped)
 
 
 @dataclass
@@ -110,7 +113,9 @@ def load_texts(src: TextSource, organism: str | None = None) -> list[dict[str, A
     if s.startswith("organism:"):
         corpus = organism_corpus(s, organism)
         paths = ensure_organism(organism)
-        rows = _read_local(Path(paths.data) / f"{corpus}.jsonl", "text")
+        stored, dropped = FILTERED_VIEWS.get(corpus, (corpus, None))
+        rows = _read_local(Path(paths.data) / f"{stored}.jsonl", "text")
+        rows = [r for r in rows if dropped is None or r.get("domain") != dropped]
     elif s.startswith("hub:"):
         rows = _load_hub(s[4:], src)
     elif _is_named_corpus(s):  # wmdp_bio_forget, wikitext, ultrachat, ... (unlearning.data.corpora)

@@ -26,6 +26,8 @@ METHODS = {
     "checkpoint_transfer": "unlearning.methods.checkpoint_transfer",
     "circuit_breaker": "unlearning.methods.circuit_breaker",
     "rmu": "unlearning.methods.rmu",
+    "undo": "unlearning.methods.undo",
+    "tar": "unlearning.methods.tar",
 }
 
 

@@ -38,7 +38,7 @@ from unlearning.core.errors import NonFiniteLossError, UserError
 __all__ = [
     "masked_mean", "draw_random_targets", "random_target_ce", "max_entropy_kl", "topk_entropy",
     "token_logprobs", "next_token_mask", "npo_per_sequence", "npo_per_token",
-    "hidden_l2", "kl_retain", "nll",
+    "hidden_l2", "kl_retain", "kl_distill", "nll",
     "mse_to_teacher", "relu_cosine", "orthogonality", "rmu_control_vector", "rmu_forget",
     "rmu_retain", "argmax_agreement", "l2sp", "check_finite",
 ]
@@ -258,6 +258,18 @@ def _kl_rows(current_logits: Tensor, original_logits: Tensor) -> Tensor:
     log_cur = F.log_softmax(current_logits.float(), dim=-1)
     log_orig = F.log_softmax(original_logits.float(), dim=-1)
     return F.kl_div(log_cur, log_orig, reduction="none", log_target=True).sum(dim=-1)
+
+
+def kl_distill(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Forward KL(teacher || student) of the temperature-softened distributions, times T^2
+    (Hinton et al.: keeps the gradient's scale independent of T), mean over valid positions.
+
+    At T = 1 this is :func:`kl_retain` with the teacher as the reference.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    return kl_retain(student_logits.float() / t, teacher_logits.float() / t, mask) * (t * t)
 
 
 def nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:

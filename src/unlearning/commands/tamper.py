@@ -37,7 +37,8 @@ from unlearning.organism.registry import organism_preset
 from unlearning.core.io import atomic_write_text, read_json
 from unlearning.core.logs import setup_logging
 from unlearning.core.rundir import RunDir, check_writable, safe_name
-from unlearning.core.runtime import configure_cpu_threads, resolve_device
+from unlearning.core.runtime import (barrier, configure_cpu_threads, init_distributed, is_main_process, resolve_device,
+                                     same_on_every_rank)
 from unlearning.model.loading import load_model
 from unlearning.preflight import preflight_attack
 from unlearning.reporting.plots import describe_attacks, plot_curves
@@ -283,10 +284,13 @@ def main(argv: list[str]) -> int:
         if what not in checked:
             checked.add(what)
             preflight_attack(cfg)
+    init_distributed()  # under torchrun: DDP training, each rank evaluates a shard, rank 0 writes
     rundir = RunDir.for_command(options.output_dir, options.name, "tamper", create=False)
+    rundir = RunDir(same_on_every_rank(rundir.path), create=False)  # tamper-<time>: rank 0's time
     if rundir.results_path.exists() and not options.resume:
         raise ConfigError(f"name: {rundir.path} already holds results; pass --resume or choose another --name")
     check_writable(rundir.path, "output_dir")
+    barrier()
     rundir = RunDir(rundir.path)
     rundir.start_logging(options.log_level)
     rundir.write_config({k: v for k, v in to_dict(options).items() if k not in ("plot_only", "output")})
@@ -314,10 +318,11 @@ def main(argv: list[str]) -> int:
         curves.append(curve)
         free_memory()
 
-    text, results = report(curves, rundir.file("tamper.png"))
-    rundir.write_results(results)
-    atomic_write_text(rundir.file("table.md"), text + "\n")
-    print(text)
+    if is_main_process():
+        text, results = report(curves, rundir.file("tamper.png"))
+        rundir.write_results(results)
+        atomic_write_text(rundir.file("table.md"), text + "\n")
+        print(text)
     return 0 if all(c["status"] == "complete" for c in curves) else 1
 
 

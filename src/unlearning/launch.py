@@ -6,7 +6,7 @@ node of the job, submitit starts one task (``ntasks-per-node=1``), which runs::
 
     python -m torch.distributed.run --nnodes N --node-rank $SLURM_NODEID --nproc-per-node G \\
         --master-addr <first host of $SLURM_JOB_NODELIST> --master-port <port + job id % 1000> \\
-        -m unlearning.cli run <row>.yaml [--resume]
+        --no-python <this environment's bin>/unlearn run <row>.yaml [--resume]
 
 so every GPU of every node is one rank of the run's process group (DDP, data-parallel evaluation;
 :mod:`unlearning.training.distributed`). The port moves with the job id, so two array tasks that
@@ -25,6 +25,7 @@ test of a launch without a cluster; ``processes_per_node`` CPU ranks under gloo)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -88,9 +89,20 @@ class SlurmSettings:
         return out
 
 
-def torchrun_command(config: str | Path, settings: SlurmSettings, *, resume: bool,
+def unlearn_program() -> str:
+    """The ``unlearn`` command of this Python environment (the job runs in the same one)."""
+    beside = Path(sys.executable).parent / "unlearn"
+    found = str(beside) if beside.exists() else shutil.which("unlearn")
+    if found is None:
+        raise ConfigError("executor: slurm runs the `unlearn` command on each node, and this environment has "
+                          "none; install the package (pip install -e .) in the environment that submits")
+    return found
+
+
+def torchrun_command(config: str | Path, settings: SlurmSettings, *, resume: bool, program: str,
                      env: Any = None) -> list[str]:
-    """The node's torchrun command; ``env``: a submitit JobEnvironment (default: this job's)."""
+    """The node's torchrun command running ``program`` (``unlearn``); ``env``: a submitit
+    JobEnvironment (default: this job's)."""
     import submitit  # optional dependency (the sweep extra)
     env = env if env is not None else submitit.JobEnvironment()
     on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
@@ -98,7 +110,7 @@ def torchrun_command(config: str | Path, settings: SlurmSettings, *, resume: boo
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(env.num_nodes),
                "--node-rank", str(env.node), "--nproc-per-node", str(settings.nproc_per_node),
                "--master-addr", env.hostnames[0] if on_slurm else "127.0.0.1", "--master-port", str(port),
-               "-m", "unlearning.cli", "run", str(config)]
+               "--no-python", program, "run", str(config)]
     return command + (["--resume"] if resume else [])
 
 
@@ -111,11 +123,13 @@ except ImportError:  # submitit is optional: only launching needs it
 class TorchrunJob(_Checkpointable):  # type: ignore[misc,valid-type]
     """One run as a submitit job: torchrun on this node; returns the run's results.json (node 0)."""
 
-    def __init__(self, config: str | Path, run_dir: str | Path, settings: SlurmSettings, resume: bool = False):
+    def __init__(self, config: str | Path, run_dir: str | Path, settings: SlurmSettings, resume: bool = False,
+                 program: str | None = None):
         self.config, self.run_dir, self.settings, self.resume = str(config), str(run_dir), settings, resume
+        self.program = program or unlearn_program()
 
     def command(self, env: Any = None) -> list[str]:
-        return torchrun_command(self.config, self.settings, resume=self.resume, env=env)
+        return torchrun_command(self.config, self.settings, resume=self.resume, program=self.program, env=env)
 
     def __call__(self) -> dict[str, Any] | None:
         subprocess.run(self.command(), check=True)
@@ -125,7 +139,8 @@ class TorchrunJob(_Checkpointable):  # type: ignore[misc,valid-type]
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """On preemption or time-out: the same run again, continuing from its checkpoint."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TorchrunJob(self.config, self.run_dir, self.settings, resume=True))
+        return submitit.helpers.DelayedSubmission(TorchrunJob(self.config, self.run_dir, self.settings, resume=True,
+                                                              program=self.program))
 
 
 def executor(folder: str | Path, settings: SlurmSettings, name: str = "unlearn") -> Any:

@@ -221,7 +221,7 @@ def test_sweep_passes_overrides_to_every_row(monkeypatch, tmp_path):
     assert sweep.main([str(grid), "--train.seed", "3", "--retry-failed", "--slurm.timeout-min", "5",
                        "--output-dir", str(tmp_path)]) == 0
     assert seen["overrides"] == {"train": {"seed": 3}} and seen["retry_failed"] is True
-    assert seen["slurm"] == {"timeout_min": 5} and seen["output_dir"] == str(tmp_path)
+    assert seen["slurm"].timeout_min == 5 and seen["slurm"].nodes == 1 and seen["output_dir"] == str(tmp_path)
     row = sweep.row_config(seen["grid"], seen["grid"].rows[0], str(tmp_path), seen["overrides"])
     assert row.train.seed == 3
 

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("unlearning.attacks",),
     ("unlearning.reporting",),
     ("unlearning.preflight",),
-    ("unlearning.runner", "unlearning.sweep", "unlearning.tune"),
+    ("unlearning.runner", "unlearning.launch", "unlearning.sweep", "unlearning.tune"),
     ("unlearning.commands",),
     ("unlearning.cli", "unlearning"),
 ]

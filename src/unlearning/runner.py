@@ -145,9 +145,14 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | N
     return evaluate(model, tokenizer, tasks, device=device, **cfg.eval.evaluate_kwargs())
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | None) -> Any:
-    """Save (adapter and) merged weights atomically; returns the merged model."""
+def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | None, *, write: bool = True) -> Any:
+    """Save (adapter and) merged weights atomically; returns the merged model.
+
+    ``write=False`` (ranks other than 0 under torchrun) only merges, so every rank evaluates the
+    same weights rank 0 saved."""
     def atomic_save(obj: Any, dest: Path) -> None:
+        if not write:
+            return
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         obj.save_pretrained(tmp)
@@ -177,6 +182,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force:
     """
     init_distributed()
     plan = preflight(cfg, resume=resume, overwrite=overwrite, force=force)
+    barrier()  # under torchrun: every rank has looked at the run folder before rank 0 writes to it
     if plan.mode == "complete":
         log.info("%s is complete; --resume has nothing to do (use --overwrite to run it again)", plan.rundir)
         return RunDir(plan.rundir, create=False).read_results() or {}
@@ -219,7 +225,9 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
     model, tokenizer = load_model(model_name, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype, device)
                                   if cfg.model_dtype != "auto" else "auto", device=str(device))
     results.update({"model": model_name, "method": cfg.method})
-    if cfg.eval.before and "before" not in results and is_main_process():
+    # Evaluations run on every rank: under torchrun each scores a shard (evaluation/parallel.py);
+    # rank 0 writes.
+    if cfg.eval.before and "before" not in results:
         log.info("evaluating the model before unlearning")
         results["before"] = evaluate_model(model, tokenizer, cfg, organism, device)
         rundir.write_results(results)
@@ -249,31 +257,31 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
         results["train_summary"] = method.train_summary
     model.eval()
     barrier()
-    if is_main_process():
-        if cfg.save.model:
-            model = save_model(model, tokenizer, rundir.file("model"),
-                               rundir.file("adapter") if cfg.save.adapter else None)
-            if cfg.save.models_dir:
-                dest = Path(cfg.save.models_dir) / (method.save_name or name)
+    if cfg.save.model:
+        model = save_model(model, tokenizer, rundir.file("model"),
+                           rundir.file("adapter") if cfg.save.adapter else None, write=is_main_process())
+        if cfg.save.models_dir:
+            dest = Path(cfg.save.models_dir) / (method.save_name or name)
+            if is_main_process():
                 shutil.copytree(rundir.file("model"), dest, dirs_exist_ok=True)
                 if cfg.save.adapter and rundir.file("adapter").exists():
                     shutil.copytree(rundir.file("adapter"), dest / "adapter", dirs_exist_ok=True)
-                results["models_dir"] = str(dest)
-        results["after"] = evaluate_model(model, tokenizer, cfg, organism, device)
-        rundir.write_results(results)
-        fault_point("final_eval")
-        reference = cfg.eval.reference
-        if reference == "auto":
-            reference = f"organism:{organism}-filtered" if organism else None
-        if reference and "reference" not in results:
-            del model
-            gc.collect()
-            ref_model, ref_tok = load_model(reference, device=str(device))
-            results["reference"] = evaluate_model(ref_model, ref_tok, cfg, organism, device)
-            results["reference_model"] = reference
-        results["run_dir"] = str(rundir.path)
-        rundir.complete(results)
-        if not cfg.save.keep_checkpoint:  # after "complete": a kill in between only leaves it behind
-            shutil.rmtree(rundir.checkpoint_path, ignore_errors=True)
+            results["models_dir"] = str(dest)
+    results["after"] = evaluate_model(model, tokenizer, cfg, organism, device)
+    rundir.write_results(results)
+    fault_point("final_eval")
+    reference = cfg.eval.reference
+    if reference == "auto":
+        reference = f"organism:{organism}-filtered" if organism else None
+    if reference and "reference" not in results:
+        del model
+        gc.collect()
+        ref_model, ref_tok = load_model(reference, device=str(device))
+        results["reference"] = evaluate_model(ref_model, ref_tok, cfg, organism, device)
+        results["reference_model"] = reference
+    results["run_dir"] = str(rundir.path)
+    rundir.complete(results)
+    if not cfg.save.keep_checkpoint and is_main_process():  # after "complete": a kill in between leaves it
+        shutil.rmtree(rundir.checkpoint_path, ignore_errors=True)
     barrier()
     return results

@@ -13,7 +13,8 @@ Each row's config is the grid's base <- the row's keys <- the command line's ove
 typed those last, so they win over every row; a row's own ``name`` is always its own).
 
 Runs execute one after another in this process (``executor: local``) or as a SLURM job array
-through submitit (``executor: slurm``). Every row is validated (preflight) before any runs. Each
+through submitit (``executor: slurm``: one torchrun per node of each row's job, see
+:mod:`unlearning.launch`). Every row is validated (preflight) before any runs. Each
 run writes its own run directory with its status, so running the sweep again resumes it: rows
 that are complete are skipped, an unfinished row (killed) resumes from its checkpoint, a failed
 row is skipped with a note unless ``retry_failed`` (then it starts afresh). With the local executor
@@ -35,6 +36,7 @@ from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json, dumps_json, read_json
 from unlearning.core.rundir import COMPLETE, FAILED, RUNNING, RunDir, flatten, safe_name
 from unlearning.core.run_records import SWEEP_FILE
+from unlearning.launch import SlurmSettings, submit_runs
 from unlearning.methods import METHODS, method_module
 from unlearning.preflight import preflight
 from unlearning.runner import RunConfig, run
@@ -99,6 +101,7 @@ class RowOutcome:
     path: Path
     status: str
     note: str = ""
+    job: Any = None  # submitted: the submitit Job (its result() is the row's results.json)
 
 
 def row_config(grid: Grid, row: GridRow, output_dir: str | None = None,
@@ -137,7 +140,7 @@ def _run_one(cfg: Any, resume: bool = False) -> dict[str, Any]:
 
 
 def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "local",
-             slurm: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+             slurm: SlurmSettings | None = None, overrides: dict[str, Any] | None = None,
              retry_failed: bool = False) -> list[RowOutcome]:
     """Run (or resume) every row; returns one outcome per row, in grid order."""
     if executor not in ("local", "slurm"):
@@ -179,16 +182,13 @@ def run_grid(grid: Grid, *, output_dir: str | None = None, executor: str = "loca
                 log.error("sweep %s: %s failed: %s", grid.name, outcome.row.name, outcome.note)
         _log_summary(grid, outcomes)
     else:
-        try:
-            import submitit  # optional: only SLURM sweeps need it
-        except ImportError as e:
-            raise ConfigError("executor: slurm needs submitit: pip install 'unlearning[sweep]'") from e
-        folder = Path(output_dir or "runs") / grid.name / "slurm"
-        ex = submitit.AutoExecutor(folder=str(folder))
-        ex.update_parameters(**(slurm or {}))
-        jobs = ex.map_array(_run_one, [c for _, c, _ in todo], [r for _, _, r in todo])
+        slurm = slurm or SlurmSettings()
+        base = output_dir or (todo[0][1].output_dir if todo else "runs")
+        folder = Path(slurm.folder or Path(base) / grid.name / "slurm")
+        jobs = submit_runs([c for _, c, _ in todo], slurm, resume=[r for _, _, r in todo], folder=folder,
+                           name=safe_name(grid.name)) if todo else []
         for (outcome, _, _), job in zip(todo, jobs):
-            outcome.status, outcome.note = "submitted", f"job {job.job_id}"
+            outcome.status, outcome.note, outcome.job = "submitted", f"job {job.job_id}", job
         log.info("submitted %d jobs: %s", len(jobs), ", ".join(j.job_id for j in jobs))
     return outcomes
 

@@ -45,7 +45,7 @@ from unlearning.core.config import param, to_dict
 from unlearning.core.errors import ConfigError, NonFiniteLossError
 from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json
-from unlearning.core.runtime import resolve_device, resolve_dtype, seed_everything
+from unlearning.core.runtime import barrier, is_main_process, resolve_device, resolve_dtype, seed_everything
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
 from unlearning.model.loading import load_model
 from unlearning.organism.registry import organism_preset
@@ -278,6 +278,11 @@ def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, refe
             curve["references"] = references
     elif curve_path.exists() and not resume:
         raise ConfigError(f"{curve_path}: an attack is already recorded here; pass --resume or choose another --name")
+    barrier()  # under torchrun: every rank has read the folder before rank 0 writes the curve
+
+    def write_curve() -> None:  # rank 0 writes; under torchrun every rank keeps the same curve
+        if is_main_process():
+            atomic_write_json(curve_path, curve)
 
     seed_everything(cfg.seed)
     records = load_texts(cfg.data, cfg.organism)[: cfg.examples]  # data errors before the model loads
@@ -313,7 +318,7 @@ def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, refe
         curve["points"].append(point)
         if "error" in point:
             curve.update(status="failed", error=f"evaluation at step {step} failed: {point['error']}")
-        atomic_write_json(curve_path, curve)
+        write_curve()
         fault_point("attack_eval")
         acc = point_metric(point, cfg.tasks[0])
         log.info("%s step %d: %s acc %s, train loss %s", name, step, cfg.tasks[0],
@@ -350,11 +355,12 @@ def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, refe
         return curve
     except NonFiniteLossError as e:
         curve.update(status="failed", error=f"{name}: {e}")
-        atomic_write_json(curve_path, curve)
+        write_curve()
         log.error("%s", curve["error"])
         return curve
     curve["status"] = "complete"
-    atomic_write_json(curve_path, curve)
-    if not keep_state:
+    write_curve()
+    barrier()  # every rank is done with state.pt before it goes
+    if not keep_state and is_main_process():
         checkpointer.path.unlink(missing_ok=True)
     return curve

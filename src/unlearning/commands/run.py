@@ -10,6 +10,7 @@ import torch
 
 from unlearning.core.cli import parse_command
 from unlearning.core.config import param
+from unlearning.core.runtime import is_main_process
 from unlearning.reporting.tables import results_table
 from unlearning.runner import RunConfig, load_run_config, run
 
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     opts, overrides = parsed
     cfg = load_run_config(opts.config or default_config_path(), overrides)
     results = run(cfg, resume=opts.resume, overwrite=opts.overwrite, force=opts.force)
-    if "after" in results:
+    if "after" in results and is_main_process():  # under torchrun every rank has the results
         print(results_table(results))
     return 0
 

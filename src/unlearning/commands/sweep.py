@@ -2,21 +2,23 @@
 
 Runs every row of a grid file (a base config + rows and/or a product grid), then prints a table.
 Run-config keys given on the command line (``--train.seed 3``) apply to every row. SLURM options
-go through submitit: ``--slurm.gpus_per_node 4 --slurm.timeout_min 120 --slurm.slurm_partition gpu``.
+go through submitit, one torchrun per node of each row's job: ``--slurm.nodes 2 --slurm.gpus_per_node 4
+--slurm.timeout_min 120 --slurm.partition gpu --slurm.account lab`` (see ``--help``).
 Running a sweep again resumes it (complete rows skipped, killed rows resumed from their
 checkpoints, failed rows rerun with ``--retry-failed``); precedence is base <- row <- command line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from unlearning.commands.report import ReportConfig, report
 from unlearning.core.cli import parse_command
 from unlearning.core.config import param
 from unlearning.core.logs import setup_logging
 from unlearning.core.store import Store
+from unlearning.launch import SlurmSettings
 from unlearning.reporting.report import report_table
 from unlearning.runner import RunConfig
 from unlearning.sweep import load_grid, row_config, run_grid
@@ -34,7 +36,7 @@ class SweepConfig:
     resume: bool = param(False, help="accepted for clarity: running a sweep again always resumes it (complete rows "
                                      "skipped, killed rows continued from their checkpoints)")
     retry_failed: bool = param(False, help="run again the rows whose run failed")
-    slurm: dict[str, Any] = param(default_factory=dict, help="submitit parameters (--slurm.timeout_min 120)")
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
 
 def main(argv: list[str]) -> int:

@@ -54,7 +54,8 @@ from unlearning.organism.registry import organism_preset
 from unlearning.core.io import atomic_write_text, read_json
 from unlearning.core.logs import setup_logging
 from unlearning.core.rundir import RunDir, check_writable, safe_name
-from unlearning.core.runtime import configure_cpu_threads, resolve_device
+from unlearning.core.runtime import (barrier, configure_cpu_threads, init_distributed, is_main_process, resolve_device,
+                                     same_on_every_rank)
 from unlearning.model.loading import load_model
 from unlearning.preflight import preflight_attack
 from unlearning.reporting.attack_plots import plot_grid, plot_in_context, plot_probe
@@ -390,10 +391,13 @@ def main(argv: list[str]) -> int:
         if cell.kind != "finetune" and (cell.kind, tuple(cfg.tasks), cfg.organism, cfg.seed) not in checked:
             checked.add((cell.kind, tuple(cfg.tasks), cfg.organism, cfg.seed))
             check_cell(cell, options)
+    init_distributed()  # under torchrun: DDP training, each rank evaluates a shard, rank 0 writes
     rundir = RunDir.for_command(options.output_dir, options.name, "tamper", create=False)
+    rundir = RunDir(same_on_every_rank(rundir.path), create=False)  # tamper-<time>: rank 0's time
     if rundir.results_path.exists() and not options.resume:
         raise ConfigError(f"name: {rundir.path} already holds results; pass --resume or choose another --name")
     check_writable(rundir.path, "output_dir")
+    barrier()
     rundir = RunDir(rundir.path)
     rundir.start_logging(options.log_level)
     rundir.write_config({k: v for k, v in to_dict(options).items() if k not in ("plot_only", "output")})
@@ -447,6 +451,8 @@ def main(argv: list[str]) -> int:
             if model not in rows:
                 acc = point_metric(plain_eval(model, cell.attack, "model"), task)
                 rows[model] = {"role": roles.get(model, role), "no_attack": acc}
+    if not is_main_process():  # the other ranks trained and evaluated their shards; rank 0 writes
+        return 0 if all(r["status"] == "complete" for r in records) else 1
     grid = attack_grid(records, rows, task)
     plots = {"grid": str(plot_grid(grid, rundir.file("grid.png")))}
     for kind, plot in (("probe", plot_probe), ("in_context", plot_in_context)):

@@ -96,18 +96,13 @@ def init_distributed() -> bool:
     return True
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors (gradients) across ranks in place; one flat buffer, one collective."""
-    if world_size() <= 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    flat /= world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset: offset + n].view_as(t).to(t.dtype))
-        offset += n
+def same_on_every_rank(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. a name made from the time); ``value`` in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -9,16 +9,16 @@ per-step metrics, the progress bar, NaN checks with one device sync per step, an
 (:mod:`unlearning.training.checkpoint`) after every phase and at the steps asked for, from which
 ``resume`` continues bit-identically.
 
-The loss function is a plain function of the model and a batch, and the loop calls the model
-through whatever wraps it; gradients are averaged across ranks explicitly, so the same loop runs
-under torchrun.
+The loss function is a plain function of the model and a batch. Under torchrun each micro-batch's
+losses go through PyTorch's DistributedDataParallel, wrapped again for each phase's parameters
+(:mod:`unlearning.training.distributed`), so the same loop runs on one process or many.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,10 +30,11 @@ from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
 from unlearning.core.faults import fault_point
 from unlearning.core.logs import MetricsLogger
-from unlearning.core.runtime import all_reduce_mean_, autocast, is_main_process, resolve_dtype, world_size
+from unlearning.core.runtime import autocast, is_main_process, resolve_dtype
 from unlearning.training.checkpoint import (Checkpointer, Position, load_tensors, rng_state, set_rng_state,
                                             tensors_of)
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
+from unlearning.training.distributed import MicroBatchLosses, mean_over_ranks
 from unlearning.training.losses import check_finite
 from unlearning.training.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
                                        same_sign_filter)
@@ -73,9 +74,10 @@ class TrainConfig:
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Plain numbers for logging, with one device-to-host copy for all the tensors."""
+    """Plain numbers for logging, with one device-to-host copy for all the tensors (averaged over
+    ranks under torchrun, so rank 0 logs the global batch's numbers)."""
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
-    host = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    host = dict(zip(tensors, mean_over_ranks(torch.stack(list(tensors.values()))).tolist())) if tensors else {}
     return {k: host.get(k, v) for k, v in values.items()}
 
 
@@ -123,9 +125,9 @@ def apply_filter(parts: list[list[torch.Tensor]], params: list[nn.Parameter], gr
     """Combine a micro-batch's forget and retain gradients through the filter into ``p.grad``."""
     g_forget, g_retain = parts
     combined = (same_sign_filter if grad_filter == "same_sign" else asymmetric_filter)(g_retain, g_forget)
-    for p, g in zip(params, combined):
-        g = g * scale
-        p.grad = g if p.grad is None else p.grad + g
+    # Accumulated through the parameters' own gradient accumulators (not by setting p.grad), so
+    # DDP's hooks see the filtered gradient and average it over ranks.
+    torch.autograd.backward(params, [g * scale for g in combined])
 
 
 @dataclass
@@ -141,34 +143,51 @@ def _restore_random(saved: dict[str, Any], method: Method) -> None:
     method.load_state_dict(saved["method"])
 
 
-def _accumulate(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainConfig, ctx: StepContext,
-                params: list[nn.Parameter], w0: list[torch.Tensor] | None, device: torch.device,
-                dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor | float]:
-    """Forward and backward over the step's micro-batches; returns the averaged terms and logs
-    (still tensors: nothing here waits for the device)."""
-    sums: dict[str, torch.Tensor | float] = {}
-    scale = 1.0 / cfg.grad_accum
-    for _ in range(cfg.grad_accum):
-        batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
-                   for k, s in streams.items()}
-        stages, done = method.loss_stages(model, batches, ctx), []
-        parts: list[list[torch.Tensor]] = []  # [forget grads, retain grads] under a gradient filter
+def micro_batch_stages(model: nn.Module, method: Method, cfg: TrainConfig, params: list[nn.Parameter],
+                       w0: list[torch.Tensor] | None, device: torch.device, dtype: torch.dtype
+                       ) -> Callable[[dict[str, Any], StepContext], Iterator[LossTerms]]:
+    """Every loss term of one micro-batch as its stages: the method's (``loss_stages``, each under
+    autocast) and then L2-SP's."""
+    def stages(batches: dict[str, Any], ctx: StepContext) -> Iterator[LossTerms]:
+        method_stages = method.loss_stages(model, batches, ctx)
         while True:
-            with autocast(device, dtype):
-                terms = next(stages, None)
+            with autocast(device, dtype):  # on only while a stage computes, never around its backward
+                terms = next(method_stages, None)
             if terms is None:
                 break
-            # backward now, before the next stage's forward: this stage's activations are freed first
-            backward(terms, params, cfg.grad_filter, scale, scaler, parts)
-            done.append(terms)
-        terms = LossTerms.merge(done)
+            yield terms
         if w0 is not None:
             sq = torch.stack([(p.float() - q.float()).pow(2).sum() for p, q in zip(params, w0)]).sum()
-            l2sp = LossTerms(retain={"l2sp": cfg.l2sp_coef * sq})
-            backward(l2sp, params, cfg.grad_filter, scale, scaler, parts)
-            terms.retain.update(l2sp.retain)
-        if cfg.grad_filter != "none":
-            apply_filter(parts, params, cfg.grad_filter, scale)
+            yield LossTerms(retain={"l2sp": cfg.l2sp_coef * sq})
+    return stages
+
+
+def _accumulate(losses: MicroBatchLosses, stages: Callable[[dict[str, Any], StepContext], Iterator[LossTerms]],
+                streams: dict[str, Any], cfg: TrainConfig, ctx: StepContext, params: list[nn.Parameter],
+                device: torch.device, scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor | float]:
+    """Forward and backward over the step's micro-batches; returns the averaged terms and logs
+    (still tensors: nothing here waits for the device).
+
+    In one process each stage is backpropagated before the next stage's forward, so its activations
+    are freed first (the sequential forget pass is gone before the retain pass runs). Under DDP a
+    micro-batch is one forward (every stage, through ``losses``) and one backward: DDP reduces each
+    parameter once per backward.
+    """
+    sums: dict[str, torch.Tensor | float] = {}
+    scale = 1.0 / cfg.grad_accum
+    for i in range(cfg.grad_accum):
+        batches = {k: {n: t.to(device, non_blocking=True) for n, t in next(s).items()}
+                   for k, s in streams.items()}
+        parts: list[list[torch.Tensor]] = []  # [forget grads, retain grads] under a gradient filter
+        with losses.accumulating(last=i == cfg.grad_accum - 1):  # one gradient all-reduce per step
+            done = [losses(batches, ctx)] if losses.distributed else []
+            for terms in (done if losses.distributed else stages(batches, ctx)):
+                backward(terms, params, cfg.grad_filter, scale, scaler, parts)
+                if not losses.distributed:
+                    done.append(terms)
+            if cfg.grad_filter != "none":
+                apply_filter(parts, params, cfg.grad_filter, scale)
+        terms = LossTerms.merge(done)
         named_values = [(f"{k}_term", v) for group in (terms.forget, terms.retain) for k, v in group.items()]
         for k, v in named_values + list(terms.logs.items()):
             v = v.detach().float() if isinstance(v, torch.Tensor) else v
@@ -272,11 +291,13 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                       else [p.detach().clone() for p in params])
             if here and first > 0:
                 _restore_random(saved, method)  # after begin_phase, which may reseed
+            # DDP under torchrun, over this phase's parameters; rank 0's weights are broadcast once
+            stages = micro_batch_stages(model, method, cfg, params, w0, device, dtype)
+            losses = MicroBatchLosses(model, lambda batches, ctx: LossTerms.merge(list(stages(batches, ctx))),
+                                      sync_weights=index == pos.phase)
             for step in range(first, phase.steps):
                 ctx = StepContext(phase, step, state.global_step, total_steps)
-                sums = _accumulate(model, method, streams, cfg, ctx, params, w0, device, dtype, scaler)
-                if world_size() > 1:
-                    all_reduce_mean_([p.grad for p in params if p.grad is not None])
+                sums = _accumulate(losses, stages, streams, cfg, ctx, params, device, scaler)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
@@ -313,6 +334,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                     on_step(record)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in sums.items() if k.endswith("_loss")}, refresh=False)
+            del losses  # DDP's hooks on this phase's parameters go with it
             method.end_phase(model, phase)
             state.finished_phases += 1
             if checkpointer is not None:

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     from unlearning.core.config import parse_overrides
     from unlearning.core.io import atomic_write_json
     from unlearning.core.logs import setup_logging
-    from unlearning.organism.build import ensure_organism, quality_table
+    from unlearning.organism.build import ensure_organism
+    from unlearning.reporting.tables import quality_table
 
     setup_logging("INFO")
     t0 = time.time()

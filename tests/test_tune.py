@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from unlearning.launch import SlurmSettings
 import yaml
 
 from unlearning.core.errors import ConfigError
@@ -139,7 +141,7 @@ def test_a_sweep_seeds_the_study_once(config, tmp_path):
     assert [r.status for r in rows] == ["complete", "complete"]
     for _ in range(2):  # the second invocation adds nothing again
         out = tune(settings(config, over=OVER[:2], trials=1, seed_from_sweep="coefs", executor="submitit",
-                            cluster="debug"), {})
+                            slurm=SlurmSettings(cluster="debug")), {})
     trials = out.study.get_trials()
     seeded = [t for t in trials if t.user_attrs.get("seeded_from")]
     assert len(seeded) == 2 and len(trials) == 3 and trials[2].state.name == "COMPLETE"

@@ -1,6 +1,6 @@
 """Runs as SLURM jobs through submitit: one ``torchrun`` per node, the rendezvous set from SLURM.
 
-:func:`submit_run` (one run: a tune trial) and :func:`submit_runs` (a job array: a sweep's rows)
+:func:`submit_run` (one run) and :func:`submit_runs` (a job array: a sweep's rows)
 write each run's resolved config beside the job logs and submit a :class:`TorchrunJob`. On every
 node of the job, submitit starts one task (``ntasks-per-node=1``), which runs::
 
@@ -42,8 +42,9 @@ from unlearning.core.rundir import safe_name
 @dataclass
 class SlurmSettings:
     """Where and how each run is submitted (``--slurm.<key>`` of ``unlearn sweep``)."""
-    cluster: Literal["slurm", "local"] = param("slurm", help="slurm: sbatch; local: submitit's local executor "
-                                                             "(try a launch on this machine)")
+    cluster: Literal["slurm", "local", "debug"] = param(
+        "slurm", help="slurm: sbatch; local: submitit's local executor (try a launch on this machine); "
+                      "debug: submitit's in-process executor (tests)")
     nodes: int = param(1, min=1, help="nodes per run: one torchrun on each")
     gpus_per_node: int = param(1, min=0, help="GPUs per node, one rank each")
     processes_per_node: int | None = param(None, min=1, help="ranks per node (unset: gpus_per_node, at least 1)")
@@ -62,7 +63,7 @@ class SlurmSettings:
     max_requeues: int = param(3, min=0, help="requeues after time-outs (preemptions are always requeued)")
     array_parallelism: int = param(256, min=1, help="array tasks running at once")
     folder: str | None = param(None, help="job logs, submission files and row configs "
-                                          "(default: <output_dir>/<sweep>/slurm)")
+                                          "(default: <output_dir>/<sweep>/slurm, or the study's submitit/)")
 
     @property
     def nproc_per_node(self) -> int:
@@ -144,7 +145,8 @@ class TorchrunJob(_Checkpointable):  # type: ignore[misc,valid-type]
 
 
 def executor(folder: str | Path, settings: SlurmSettings, name: str = "unlearn") -> Any:
-    """A submitit AutoExecutor for ``settings`` (sbatch, or the local executor)."""
+    """A submitit AutoExecutor for ``settings`` (sbatch, or the local executor): the one place a job
+    meets submitit (a sweep's torchrun jobs, a study's trial jobs)."""
     try:
         import submitit  # optional: only launching needs it
     except ImportError as e:

@@ -28,6 +28,7 @@ from unlearning.core.errors import one_line
 from unlearning.core.faults import fault_point
 from unlearning.core.io import match_umask
 from unlearning.core.logs import FILE_ONLY
+from unlearning.core.paths import runs_root
 from unlearning.core.rundir import RunDir
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
                                      seed_everything)
@@ -84,7 +85,8 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     name: str | None = param(None, help="run directory name under output_dir (default: method and time)")
-    output_dir: str = "runs"
+    output_dir: str = param(default_factory=lambda: str(runs_root()),
+                            help="parent of the run directory (default $UNLEARNING_RUNS or runs)")
     model: str = param("auto", help="organism:tiny|small[-filtered], a local folder or a hub id; "
                                     "auto = organism:small with a GPU, organism:tiny without")
     revision: str | None = None

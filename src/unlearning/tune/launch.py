@@ -1,30 +1,18 @@
-"""Where trials run: worker processes on this machine or submitit jobs, at most ``jobs`` at once,
-one trial per job (:func:`unlearning.tune.trials.run_trials`)."""
+"""Where trials run: worker processes on this machine or submitit jobs (made by
+:func:`unlearning.launch.executor` from ``--slurm.*``), at most ``jobs`` at once, one trial per job
+(:func:`unlearning.tune.trials.run_trials`)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import time
-from pathlib import Path
 from typing import Any
 
-from unlearning.core.errors import ConfigError, one_line
+from unlearning.core.errors import one_line
 from unlearning.tune.trials import run_trials
 
 log = logging.getLogger(__name__)
-
-def submitit_executor(folder: Path, cluster: str | None, parameters: dict[str, Any]) -> Any:
-    """The one place a trial job meets submitit (wp-dist's shared launch can replace it)."""
-    try:
-        import submitit  # optional: only --executor submitit needs it
-    except ImportError as e:
-        raise ConfigError("executor: submitit needs submitit: pip install 'unlearning[sweep]'") from e
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    if parameters:
-        ex.update_parameters(**parameters)
-    return ex
-
 
 def worker_context() -> Any:
     """Worker processes forked from a fresh server that has imported the runner (torch, transformers)

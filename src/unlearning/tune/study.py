@@ -44,7 +44,8 @@ from unlearning.core.paths import OPTUNA_DB, runs_root
 from unlearning.core.rundir import COMPLETE, RunDir, config_changes, flatten, safe_name
 from unlearning.preflight import FREE_ON_RESUME, preflight
 from unlearning.runner import RunConfig
-from unlearning.tune.launch import launch, submitit_executor, worker_context
+from unlearning.launch import SlurmSettings, executor
+from unlearning.tune.launch import launch, worker_context
 from unlearning.tune.report import write_report
 from unlearning.tune.space import check_space, parse_objectives, parse_over
 from unlearning.tune.trials import (StudyRef, optuna_module, retry_interrupted, run_trials, sampler, settle_killed,
@@ -72,9 +73,8 @@ class TuneSettings:
                                                                  "--jobs worker processes; submitit: one job per trial")
     jobs: int = param(1, min=1, help="trials at once (worker processes sharing the Optuna storage, or submitit "
                                      "jobs in flight)")
-    cluster: str | None = param(None, help="submitit cluster: slurm, local or debug (default: slurm if "
-                                           "available, else local)")
-    slurm: dict[str, Any] = param(default_factory=dict, help="submitit parameters (--slurm.timeout_min 60)")
+    slurm: SlurmSettings = param(default_factory=SlurmSettings, help="where submitit jobs go (the sweep's "
+                                 "--slurm.* keys: partition, account, gpus_per_node, timeout_min, cluster ...)")
     seed_from_sweep: str | None = param(None, help="add a sweep's complete rows as trials first: the grid's name "
                                                    "under the runs root, or the sweep's folder")
     enqueue_base: bool = param(False, help="run the config's own values of the searched keys as a trial first")
@@ -262,7 +262,8 @@ def tune(settings: TuneSettings, overrides: dict[str, Any]) -> TuneOutcome:
             with concurrent.futures.ProcessPoolExecutor(settings.jobs, mp_context=worker_context()) as pool:
                 unstarted, lost = launch(pool, calls, settings.jobs, poll=0.2, deadline=deadline)
         else:
-            unstarted, lost = launch(submitit_executor(ref.folder / "submitit", settings.cluster, settings.slurm),
+            folder = Path(settings.slurm.folder) if settings.slurm.folder else ref.folder / "submitit"
+            unstarted, lost = launch(executor(folder, settings.slurm, name=safe_name(ref.study)),
                                      calls, settings.jobs, deadline=deadline)
         outcome.ran += missing - unstarted - len(lost)
         outcome.lost_jobs += lost

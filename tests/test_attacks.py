@@ -257,14 +257,15 @@ def test_grid_runs_every_attack_with_the_twin_row_and_resumes_without_redoing(lo
     assert "| twin" in (whole / "table.md").read_text()
 
     # Killed at the first in-context cell: the fine-tuning and the first probe are on disk.
-    real = cmd.run_in_context
-    monkeypatch.setattr(cmd, "run_in_context", lambda *a, **k: (_ for _ in ()).throw(Killed))
+    from unlearning.attacks import session
+    real = session.run_in_context
+    monkeypatch.setattr(session, "run_in_context", lambda *a, **k: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):
         cmd.main(grid_args(local, tmp_path, "--name", "killed"))
     killed = tmp_path / "killed" / "attacks"
     done = {p.name: (p / "attack.json").read_bytes() for p in killed.iterdir() if (p / "attack.json").exists()}
     assert {read_record(killed / n)["kind"] for n in done} == {"finetune", "probe"}
-    monkeypatch.setattr(cmd, "run_in_context", real)
+    monkeypatch.setattr(session, "run_in_context", real)
     assert cmd.main(grid_args(local, tmp_path, "--name", "killed", "--resume")) == 0
     for name, before in done.items():
         assert (killed / name / "attack.json").read_bytes() == before  # finished cells are not redone

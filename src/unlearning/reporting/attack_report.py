@@ -7,7 +7,8 @@ Two parts, both text plus the JSON that goes into ``results.json``:
   curve (:func:`unlearning.attacks.curves.summarize_curve`), the strongest attack and ``tamper.png``;
 * :func:`grid_report` (the whole grid, rank 0): that, then the methods x attacks table
   (:mod:`unlearning.attacks.grid`), ``grid.png``, ``probe.png``, ``in_context.png``, and each
-  cell's headline in ``records``.
+  cell's kind, role, status and headline in ``records`` (which the results store records: the
+  probe and in-context cells have no curve summary in ``attacks``).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def grid_report(run: GridRun, folder: Path) -> tuple[str, dict[str, Any]]:
         texts.append("FAILED or unfinished: " + "; ".join(failed))
     results.update(grid=grid, plots={**results.get("plots", {}), **plots}, records={
         r["name"]: {"kind": r["kind"], "model": r["model"], "role": r["role"], "status": r["status"],
-                    "headline": r["headline"], "path": str(folder / "attacks" / r["name"] / RECORD_NAME)}
+                    "error": r.get("error"), "task": r["task"], "headline": r["headline"],
+                    "path": str(folder / "attacks" / r["name"] / RECORD_NAME)}
         for r in records})
     if run.curves:
         results["plots"]["curves"] = results["plot"]

@@ -257,14 +257,15 @@ def test_grid_runs_every_attack_with_the_twin_row_and_resumes_without_redoing(lo
     assert "| twin" in (whole / "table.md").read_text()
 
     # Killed at the first in-context cell: the fine-tuning and the first probe are on disk.
-    real = cmd.run_in_context
-    monkeypatch.setattr(cmd, "run_in_context", lambda *a, **k: (_ for _ in ()).throw(Killed))
+    from unlearning.attacks import session
+    real = session.run_in_context
+    monkeypatch.setattr(session, "run_in_context", lambda *a, **k: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):
         cmd.main(grid_args(local, tmp_path, "--name", "killed"))
     killed = tmp_path / "killed" / "attacks"
     done = {p.name: (p / "attack.json").read_bytes() for p in killed.iterdir() if (p / "attack.json").exists()}
     assert {read_record(killed / n)["kind"] for n in done} == {"finetune", "probe"}
-    monkeypatch.setattr(cmd, "run_in_context", real)
+    monkeypatch.setattr(session, "run_in_context", real)
     assert cmd.main(grid_args(local, tmp_path, "--name", "killed", "--resume")) == 0
     for name, before in done.items():
         assert (killed / name / "attack.json").read_bytes() == before  # finished cells are not redone
@@ -298,3 +299,39 @@ def test_a_grid_killed_by_sigkill_mid_attack_resumes_to_the_same_grid(local, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     grids = [json.loads((tmp_path / n / "results.json").read_text())["grid"] for n in ("whole", "killed")]
     assert [r["values"] for r in grids[0]["rows"]] == [r["values"] for r in grids[1]["rows"]]
+
+
+# ----------------------------------------------------------------------------- the results store
+
+
+@pytest.mark.slow  # six cells on organism:tiny and its twin: about 30 s on a 2-core machine
+def test_every_cell_kind_reaches_the_store_and_the_tamper_table(tiny_organism, tmp_path, capsys):
+    """The probe and in-context cells have no tamper.json summary; the store records them from their
+    attack.json headlines (results.json ``records``), and ``unlearn report`` shows them."""
+    from unlearning.cli import main as cli
+    from unlearning.commands import tamper as cmd
+    from unlearning.core.store import Store
+    assert cmd.main(["--model", "organism:tiny", "--base", "none", "--attacks", "lora4,probe,icl", "--steps", "2",
+                     "--eval-every", "1", "--examples", "8", "--seq-len", "64", "--limit", "12", "--shots", "0,2",
+                     "--device", "cpu", "--output-dir", str(tmp_path), "--name", "grid"]) == 0
+    cells = {p.name: read_record(p) for p in (tmp_path / "grid" / "attacks").iterdir()}
+    assert sorted(r["kind"] for r in cells.values()) == ["finetune", "finetune", "in_context", "in_context",
+                                                         "probe", "probe"]  # the model and its twin, each kind
+    [run] = Store(tmp_path).records(run_dirs=["grid"])
+    assert run["status"] == "complete"
+    rows = {a["attack"]: a for a in run["attacks"]}
+    assert set(rows) == set(cells)  # every cell, not only the fine-tuning curves
+    for name, cell in cells.items():
+        got = rows[name]
+        assert (got["kind"], got["model"], got["role"], got["status"], got["task"], got["metric"], got["value"]) == (
+            cell["kind"], cell["model"], cell["role"], cell["status"], cell["task"], cell["headline"]["metric"],
+            cell["headline"]["value"])
+        assert (got["max_acc"] is not None) == (cell["kind"] == "finetune")  # a curve summary for fine-tuning only
+    capsys.readouterr()
+    assert cli(["report", str(tmp_path / "grid"), "--runs-root", str(tmp_path), "--format", "json"]) == 0
+    [table] = json.loads(capsys.readouterr().out)["tables"]
+    assert table["title"] == "tamper attacks"
+    shown = {r["attack"]: (r["kind"], r["role"], r["status"], r["headline value"]) for r in table["rows"]}
+    assert shown == {n: (c["kind"], c["role"], c["status"], c["headline"]["value"]) for n, c in cells.items()}
+    assert cli(["report", "--rebuild", "--runs-root", str(tmp_path)]) == 0  # the same rows from the files alone
+    assert {a["attack"]: a for a in Store(tmp_path).records(run_dirs=["grid"])[0]["attacks"]} == rows

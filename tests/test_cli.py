@@ -187,26 +187,27 @@ def test_failed_eval_leaves_no_run_directory(tmp_path, capsys):
 
 
 def test_tamper_grid_aliases_and_recipe_defaults():
-    from unlearning.attacks.tamper import AttackConfig
+    from unlearning.attacks.cells import attack_configs
+    from unlearning.attacks.tamper import GENERAL_TASK, AttackConfig
     cfg, _ = parse(tamper.TamperCommandConfig, [
         "--model", "organism:tiny", "organism:tiny-filtered", "--steps", "7", "--eval-every", "3", "--lr",
         "2e-5,1e-4", "--lora", "4", "--limit", "5", "--eval-batch-size", "8", "--eval-general",
         "--attack.eval.add-bos-token", "true"])
-    attacks = tamper.attack_configs(cfg)
+    attacks = attack_configs(cfg)
     assert len(attacks) == 4 and {a.optimizer.lr for _, a in attacks} == {2e-5, 1e-4}
     _, first = attacks[0]
     assert (first.steps, first.eval_every, first.lora_rank) == (7, 3, 4)
     assert (first.eval.limit, first.eval.batch_size, first.eval.add_bos_token) == (5, 8, True)
-    assert first.eval.tasks == AttackConfig().eval.tasks + [tamper.GENERAL_TASK]
+    assert first.eval.tasks == AttackConfig().eval.tasks + [GENERAL_TASK]
     # an unset swept key is the recipe's value: the recipe's defaults are not repeated
     default = AttackConfig()
     cfg, _ = parse(tamper.TamperCommandConfig, ["--model", "organism:tiny", "--attack.optimizer.lr", "5e-5",
                                                 "--reference", "none"])  # (auto: the twin is attacked too)
-    (_, only), = tamper.attack_configs(cfg)
+    (_, only), = attack_configs(cfg)
     assert only.optimizer.lr == 5e-5 and only.seed == default.seed and only.optimizer.schedule == \
         default.optimizer.schedule and only.steps == default.steps
     with pytest.raises(UserError, match="^model: give at least one model"):
-        tamper.attack_configs(parse(tamper.TamperCommandConfig, [])[0])
+        attack_configs(parse(tamper.TamperCommandConfig, [])[0])
 
 
 def test_sweep_passes_overrides_to_every_row(monkeypatch, tmp_path):

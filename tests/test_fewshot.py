@@ -142,7 +142,7 @@ def test_bad_fewshot_input_is_one_line_before_any_model_loads(job, tmp_path, cap
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(runner, "load_model", no_loading)
     monkeypatch.setattr("unlearning.commands.eval.load_model", no_loading)
-    monkeypatch.setattr("unlearning.commands.tamper.load_model", no_loading)
+    monkeypatch.setattr("unlearning.attacks.session.load_model", no_loading)
     monkeypatch.setenv("UNLEARNING_RUNS", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path)
     for case, (argv, named, fix) in bad_cases(job).items():

@@ -307,7 +307,7 @@ def test_plot_is_written_and_labels_say_what_differs(tmp_path):
 
 
 def test_table_has_base_first_and_marks_failures(tmp_path):
-    from unlearning.commands.tamper import report, summaries, summary_table, tamper_table
+    from unlearning.reporting.attack_report import curves_report, summaries, summary_table, tamper_table
     curves = [hand_curve("a", "runs/seq", 2e-5, [0.3, 0.6]),
               hand_curve("b", "organism:tiny-filtered", 2e-5, [0.27, 0.3])]
     labels = ["seq", "filtered"]
@@ -321,11 +321,11 @@ def test_table_has_base_first_and_marks_failures(tmp_path):
     assert "not reached" in summary_table(summary)
     # The benign control never counts as the strongest attack, even when its accuracy is highest.
     curves.append(hand_curve("c", "runs/seq", 2e-5, [0.3, 0.9], benign=True))
-    text, results = report(curves, tmp_path / "p.png")
+    text, results = curves_report(curves, tmp_path / "p.png")
     assert results["strongest_per_model"] == {"runs/seq": "a", "organism:tiny-filtered": "b"}
     assert results["strongest"] is None  # two models: named per model, not across models
     assert "strongest attack on seq: seq, tamper" in text
-    _, single = report([c for c in curves if c["model"] == "runs/seq"], tmp_path / "q.png")
+    _, single = curves_report([c for c in curves if c["model"] == "runs/seq"], tmp_path / "q.png")
     assert single["strongest"] == "a"
     assert results["attacks"]["c"]["max_acc"] == 0.9
 

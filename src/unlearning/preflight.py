@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from unlearning.attacks.cells import Cell
+from unlearning.attacks.in_context import InContextConfig, demonstration_pool
+from unlearning.attacks.probe import ProbeConfig, entity_split
 from unlearning.core.config import to_dict
 from unlearning.core.errors import ConfigError, DataError, UserError
 from unlearning.core.hub import hub_offline
@@ -246,6 +249,26 @@ def preflight_attack(cfg: Any, key: str = "attack", read_data: bool = True) -> N
     if read_data:
         read_source(cfg.data, f"{key}.data", organism, cfg.model)
     check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks", settings=cfg.eval)
+
+
+def preflight_grid(cells: list[Cell], probe: ProbeConfig, icl: InContextConfig) -> None:
+    """An attack grid's checks before anything is written: each model, data file, task list and
+    question set once (:func:`preflight_attack`), and the probe's entity split and the in-context
+    demonstrations once per task, organism and seed (they read the questions a cell would)."""
+    checked: set[tuple[Any, ...]] = set()
+    for cell in cells:
+        cfg = cell.attack
+        what = (cfg.model, cfg.revision, cfg.data.source if cell.kind == "finetune" else None, tuple(cfg.eval.tasks))
+        if what not in checked:
+            checked.add(what)
+            preflight_attack(cfg, read_data=cell.kind == "finetune")
+        if cell.kind != "finetune" and (cell.kind, tuple(cfg.tasks), cfg.organism, cfg.seed) not in checked:
+            checked.add((cell.kind, tuple(cfg.tasks), cfg.organism, cfg.seed))
+            [task] = task_registry.get_tasks(cfg.tasks[:1], organism=cfg.organism or "tiny")
+            if cell.kind == "probe":
+                entity_split(task.questions, cfg.seed, probe.train_fraction)  # the probe reads every question
+            else:
+                demonstration_pool(icl.source, task, cfg.organism)
 
 
 # ----------------------------------------------------------------------------------------------

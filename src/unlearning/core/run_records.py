@@ -1,6 +1,6 @@
 """A results-store record read from one run directory's files alone (so the store can always be
 rebuilt from them): what kind of folder it is, its config, status, timestamps, git commit, varied
-keys, every evaluation number, its final loss terms and its tamper summaries. The columns are
+keys, every evaluation number, its final loss terms and its tamper attacks (every cell of the grid). The columns are
 described in :mod:`unlearning.core.store`."""
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ ATTACK_NUMBERS = ("base_acc", "step0_acc", "final_acc", "max_acc", "max_acc_step
 RUN_COLUMNS = ("run_dir", "kind", "status", "error", "method", "model", "reference_model", "sweep", "study",
                "trial", "trial_state", "started_at", "resumed_at", "finished_at", "failed_at", "git_commit",
                "git_dirty", "config", "varied", "mean_erank", "mean_srank", "signature")
-ATTACK_COLUMNS = ("run_dir", "attack", "label", "model", "target", "data", "status", "error", "task",
-                  *ATTACK_NUMBERS)
+# kind, role, metric and value (the cell's attack.json headline) came with schema 2: before it only
+# fine-tuning summaries were recorded
+ATTACK_COLUMNS = ("run_dir", "attack", "kind", "label", "model", "role", "target", "data", "status", "error", "task",
+                  "metric", "value", *ATTACK_NUMBERS)
 
 
 def _number(v: Any) -> float | None:
@@ -110,6 +112,28 @@ def _attack_target(model: str, root: Path) -> str | None:
     return None
 
 
+def _tamper_attacks(results: Mapping[str, Any], run_dir: str, root: Path) -> list[dict[str, Any]]:
+    """One attack row per cell of a tamper folder: ``results.json["attacks"]`` holds the fine-tuning
+    curves' summaries, ``["records"]`` every cell's attack.json headline, those of the latent probe
+    and in-context cells too (which have no curve). A folder from before the grid has no records:
+    its attacks were all fine-tuning."""
+    summaries, records = results.get("attacks") or {}, results.get("records") or {}
+    grid_task = (results.get("grid") or {}).get("task")
+    out = []
+    for name in dict.fromkeys([*summaries, *records]):
+        s, r = summaries.get(name) or {}, records.get(name) or {}
+        headline = r.get("headline") or {}
+        attack = dict.fromkeys(ATTACK_COLUMNS)
+        attack.update({k: s.get(k) for k in ATTACK_COLUMNS if k in s})
+        attack.update(run_dir=run_dir, attack=name, kind=r.get("kind", "finetune"), role=r.get("role"),
+                      model=s.get("model", r.get("model")), status=s.get("status", r.get("status")),
+                      error=s.get("error", r.get("error")), task=s.get("task", r.get("task", grid_task)),
+                      metric=headline.get("metric"), value=_number(headline.get("value")))
+        attack["target"] = _attack_target(str(attack["model"] or ""), root)
+        out.append(attack)
+    return out
+
+
 def describe_run_dir(run_dir: str | Path, root: str | Path) -> dict[str, Any] | None:
     """The store's record of one folder, read from its files: ``{"run": {column: value},
     "metrics": [(section, task, metric, value)], "terms": [(at, key, value)], "attacks": [{...}]}``;
@@ -173,11 +197,7 @@ def describe_run_dir(run_dir: str | Path, root: str | Path) -> dict[str, Any] | 
     elif kind == "tamper":
         models = config.get("model") or []
         row["model"] = ",".join(models) if isinstance(models, list) else str(models)
-        for name, s in (results.get("attacks") or {}).items():
-            attack = dict.fromkeys(ATTACK_COLUMNS)
-            attack.update({k: s.get(k) for k in ATTACK_COLUMNS if k in s}, run_dir=row["run_dir"], attack=name,
-                          target=_attack_target(str(s.get("model", "")), root))
-            attacks.append(attack)
+        attacks += _tamper_attacks(results, row["run_dir"], root)
         statuses = {a["status"] for a in attacks}
         row.update(status="complete" if statuses == {"complete"} else ("failed" if "failed" in statuses else "running"),
                    error=next((a["error"] for a in attacks if a["error"]), None), finished_at=_mtime_iso(results_path))

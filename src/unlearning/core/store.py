@@ -21,9 +21,11 @@ Tables (``run_dir`` is the folder relative to the root, or absolute when outside
              ``by_attribute.<attr>.<metric>``)
     terms    run_dir, at (final: the last metrics.jsonl record | summary: the method's
              train_summary), key, value
-    attacks  run_dir, attack, label, model, target (the attacked run's run_dir when it is in this
-             store), data, status, error, task, base_acc, step0_acc, final_acc, max_acc,
-             max_acc_step, gap, half_gap_step, recovery_auc, mean_acc
+    attacks  run_dir, attack, kind (finetune|probe|in_context), label, model, role
+             (model|filtered|base), target (the attacked run's run_dir when it is in this store),
+             data, status, error, task, metric and value (the cell's attack.json headline),
+             base_acc, step0_acc, final_acc, max_acc, max_acc_step, gap, half_gap_step,
+             recovery_auc, mean_acc (a fine-tuning curve's summary; null for the other kinds)
 
 Where records come from: ``sweep.json`` in a row's parent folder (written by the sweep) names
 the sweep and its varied keys; ``trial.json`` in a trial's folder (written by ``unlearn tune``,
@@ -55,7 +57,9 @@ from unlearning.core.run_records import ATTACK_COLUMNS, RUN_COLUMNS, describe_ru
 log = logging.getLogger(__name__)
 
 STORE_FILE = "results.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# attacks columns schema 2 added (every grid cell, not only fine-tuning): version 1 stores get them
+ADDED_IN_2 = ("kind", "role", "metric", "value")
 BUSY_TIMEOUT_S = 120.0
 
 SCHEMA = f"""
@@ -103,6 +107,8 @@ class Store:
                         for statement in filter(str.strip, SCHEMA.split(";")):
                             con.execute(statement)
                         con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version == 1:
+                _migrate_from_1(con)
             elif version != SCHEMA_VERSION:
                 raise UserError(f"{self.path}: results store of schema version {version}, this code reads "
                                 f"{SCHEMA_VERSION}; run `unlearn report --rebuild --runs-root {self.root}`")
@@ -235,6 +241,17 @@ class Store:
     def name_of(self, run_dir: str | Path) -> str:
         """A folder's key in this store."""
         return store_name(Path(run_dir), self.root)
+
+
+def _migrate_from_1(con: sqlite3.Connection) -> None:
+    """Version 1 -> 2: the attacks table's new columns; the tamper folders' signatures are cleared so
+    that the next sync re-reads them (their probe and in-context cells were never recorded)."""
+    with _transaction(con):
+        if con.execute("PRAGMA user_version").fetchone()[0] == 1:  # another process may have migrated it
+            for column in ADDED_IN_2:
+                con.execute(f"ALTER TABLE attacks ADD COLUMN {column}")
+            con.execute("UPDATE runs SET signature = NULL WHERE kind = 'tamper'")
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 class _transaction:

@@ -242,14 +242,15 @@ def eval_only_table(records: list[dict[str, Any]]) -> Table:
     return Table("evaluations", columns, rows)
 
 
-ATTACK_TABLE = (("attack", "attack"), ("model", "model"), ("data", "data"), ("status", "status"),
-                ("step-0 acc", "step0_acc"), ("max acc", "max_acc"), ("at step", "max_acc_step"),
+ATTACK_TABLE = (("attack", "attack"), ("kind", "kind"), ("model", "model"), ("role", "role"), ("data", "data"),
+                ("status", "status"), ("headline", "metric"), ("headline value", "value"), ("step-0 acc", "step0_acc"), ("max acc", "max_acc"), ("at step", "max_acc_step"),
                 ("final acc", "final_acc"), ("gap", "gap"), ("half-gap step", "half_gap_step"),
                 ("recovery AUC", "recovery_auc"), ("mean acc", "mean_acc"), ("notes", "error"))
 
 
 def tamper_only_table(records: list[dict[str, Any]]) -> Table:
-    """Tamper folders: one row per attack, its recovery summary (see attacks/curves.py)."""
+    """Tamper folders: one row per attack cell (fine-tuning, probe, in-context) with its headline number
+    (attack.json's); a fine-tuning attack's recovery summary too (see attacks/curves.py)."""
     rows = [[r["run_dir"], *[a[k] for _, k in ATTACK_TABLE]] for r in records for a in r["attacks"]]
     return Table("tamper attacks", ["run", *[c for c, _ in ATTACK_TABLE]], rows)
 

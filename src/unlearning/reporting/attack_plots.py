@@ -11,30 +11,16 @@ object-oriented API: nothing needs a display.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from unlearning.attacks.curves import CHANCE
 from unlearning.attacks.tamper import short_model_name
-from unlearning.core.io import atomic_write_bytes
+from unlearning.reporting.figures import new_figure, save_png
 from unlearning.reporting.plots import CURVE_COLORS, REFERENCE_STYLES, task_label
 
 ROLE_STYLES = {"filtered": REFERENCE_STYLES["filtered"], "base": REFERENCE_STYLES["base"]}
 ROLE_SUFFIX = {"model": "", "filtered": " (filtered twin)", "base": " (base)"}
-
-
-def _figure(width: float = 7.0, height: float = 4.8) -> Any:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _lines(ax: Any, records: list[dict[str, Any]], xy: Any) -> None:
@@ -55,7 +41,7 @@ def plot_probe(records: list[dict[str, Any]], path: str | Path) -> Path:
     done = [r for r in records if r["status"] == "complete"]
     if not done:
         raise ValueError("plot_probe: no complete probe")
-    fig = _figure()
+    fig = new_figure(7.0, 4.8)
     ax = fig.subplots()
     _lines(ax, done, lambda r: ([int(k) for k in r["result"]["layers"]],
                                 [v["test_acc"] for v in r["result"]["layers"].values()]))
@@ -63,7 +49,7 @@ def plot_probe(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("probe accuracy, held-out entities")
     ax.set_title(f"Latent probe on {task_label(done[0]['task'])}: is the answer readable per layer?", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_in_context(records: list[dict[str, Any]], path: str | Path) -> Path:
@@ -71,13 +57,13 @@ def plot_in_context(records: list[dict[str, Any]], path: str | Path) -> Path:
     done = [r for r in records if r["result"].get("points")]
     if not done:
         raise ValueError("plot_in_context: no in-context point")
-    fig = _figure()
+    fig = new_figure(7.0, 4.8)
     ax = fig.subplots()
     _lines(ax, done, lambda r: ([p["k"] for p in r["result"]["points"]], [p["acc"] for p in r["result"]["points"]]))
     ax.set_xlabel("demonstrations about other entities (k)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"In-context relearning on {task_label(done[0]['task'])}", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_grid(grid: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
@@ -86,7 +72,7 @@ def plot_grid(grid: dict[str, Any], path: str | Path, *, title: str | None = Non
     rows = grid["rows"]
     if not rows:
         raise ValueError("plot_grid: no rows")
-    fig = _figure(max(7.0, 0.45 * len(columns) * max(2, len(rows))), 5.2)
+    fig = new_figure(max(7.0, 0.45 * len(columns) * max(2, len(rows))), 5.2)
     ax = fig.subplots()
     width = 0.8 / len(rows)
     colors = iter(CURVE_COLORS * 8)
@@ -103,4 +89,4 @@ def plot_grid(grid: dict[str, Any], path: str | Path, *, title: str | None = Non
     ax.set_title(title or "Methods x attacks: accuracy after each attack", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -3,18 +3,16 @@ the Pareto front marked, reference points (the base model, the filtered twin) an
 
 The one place for both: the report's tables mark their rows with :func:`pareto_front`, an Optuna
 study takes its front from ``best_trials`` and says which trials beat the base config with
-:func:`dominates`, and both draw with :func:`tradeoff_plot` (matplotlib's Agg backend through the
-object-oriented API).
+:func:`dominates`, and both draw with :func:`tradeoff_plot` (through :mod:`unlearning.reporting.figures`).
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from unlearning.core.io import atomic_write_bytes
+from unlearning.reporting.figures import new_figure, save_png
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
@@ -47,13 +45,9 @@ def tradeoff_plot(points: list[Point], path: str | Path, *, xlabel: str, ylabel:
     """Write the figure as a PNG at ``path`` (atomically). ``references``: name -> (x, y);
     ``chance_x`` / ``chance_y``: a dash-dot line at chance on that axis; ``unit_axes``: both axes
     0..1 (accuracies), so two figures compare at a glance."""
-    import matplotlib  # optional (the report extra), and seconds to import: only figures need it
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     if not points:
         raise ValueError("tradeoff_plot: no points to draw")
-    fig = Figure(figsize=(7.0, 5.6), layout="constrained")
+    fig = new_figure(7.0, 5.6)
     ax = fig.subplots()
     rest = [p for p in points if not p.front]
     front = sorted((p for p in points if p.front), key=lambda p: p.x)
@@ -84,6 +78,4 @@ def tradeoff_plot(points: list[Point], path: str | Path, *, xlabel: str, ylabel:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)

@@ -9,12 +9,11 @@ leaks between calls.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.io import atomic_write_bytes
+from unlearning.reporting.figures import new_figure, save_png
 from unlearning.reporting.pareto import Point, tradeoff_plot
 from unlearning.reporting.tables import short_task
 from unlearning.attacks.tamper import GENERAL_TASK, short_model_name
@@ -137,15 +136,11 @@ def _draw_panel(ax: Any, curves: list[dict[str, Any]], labels: list[str], task: 
 
 def plot_curves(curves: list[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
     """Draw every curve (tamper.json contents) into one PNG at ``path`` (written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     if not curves:
         raise ValueError("plot_curves: no curves to draw")
     labels, shared = describe_attacks(curves)
     panels = panels_for(curves)
-    fig = Figure(figsize=(6.2 * len(panels), 5.0), layout="constrained")
+    fig = new_figure(6.2 * len(panels), 5.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (task, metric) in zip(axes, panels):
         _draw_panel(ax, curves, labels, task, metric)
@@ -157,25 +152,10 @@ def plot_curves(curves: list[dict[str, Any]], path: str | Path, *, title: str | 
     primary = task_label(curves[0]["primary_task"])
     heading = title or f"Tamper attack: does {primary} accuracy come back under fine-tuning?"
     fig.suptitle(f"{heading}\n{shared}" if shared else heading, fontsize=11)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- hazard against general
-
-def _figure(width: float, height: float) -> Any:
-    import matplotlib  # optional at import time: a cheap command never waits for it
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return atomic_write_bytes(path, buf.getvalue())
-
 
 def plot_hazard_vs_general(runs: list[dict[str, Any]], path: str | Path, *, references: list[dict[str, Any]] = (),
                            hazard_task: str = "hazard", general_task: str = "general",
@@ -216,7 +196,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: str | Path, *, tit
     named = {k for _, ks in groups for k in ks}
     groups.append(("other", [k for k in keys if k not in named]))
     groups = [(name, ks) for name, ks in groups if ks]
-    fig = _figure(6.0 * min(2, len(groups)), 3.6 * ((len(groups) + 1) // 2))
+    fig = new_figure(6.0 * min(2, len(groups)), 3.6 * ((len(groups) + 1) // 2))
     axes = fig.subplots((len(groups) + 1) // 2, min(2, len(groups)), squeeze=False).ravel()
     # a new phase starts where the phase number changes: the line sits half a step before its first step
     starts = [b["step"] - 0.5 for a, b in zip(records, records[1:]) if b.get("phase") != a.get("phase")]
@@ -233,4 +213,4 @@ def plot_training_curves(records: list[dict[str, Any]], path: str | Path, *, tit
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     fig.suptitle(title or "training curves", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)

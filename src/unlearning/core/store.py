@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,21 @@ def store_path(root: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ the database
 
+def _ensure_wal(con: sqlite3.Connection) -> None:
+    """Switch the database to WAL once. Changing the journal mode needs the database to itself, and
+    SQLite answers "locked" at once, without waiting out the busy timeout, when another process is
+    inside a transaction at that moment (the first records of a sweep's rows, all at once): so wait
+    and try again here. A database already in WAL needs no switch, and reading the mode takes no lock."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """The results database of one runs root."""
 
@@ -97,7 +113,7 @@ class Store:
         con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")  # persistent; readers never block the sweep's writers
+            _ensure_wal(con)  # persistent; readers never block the sweep's writers
             con.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint, safe under WAL
             con.execute("PRAGMA foreign_keys=ON")
             version = con.execute("PRAGMA user_version").fetchone()[0]

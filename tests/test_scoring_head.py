@@ -67,7 +67,8 @@ def test_letter_path_reads_the_last_position_alone(tok, monkeypatch):
         next_token_loglikelihoods(model, contexts, letters, batch_size=4, progress=False)
     finally:
         handle.remove()
-    assert [s[0] for s in seen] == [4, 4, 4, 4] and all(len(s) == 2 for s in seen)
+    # (the first batch is batch_size rows; shorter rows fill later batches up to its token budget)
+    assert sum(s[0] for s in seen) == len(contexts) and seen[0][0] == 4 and all(len(s) == 2 for s in seen)
 
 
 def test_unknown_family_falls_back_to_the_full_forward(tok):

@@ -1,20 +1,17 @@
 """Log-likelihoods of continuations, tokenized and batched as lm-evaluation-harness's ``HFLM`` does.
 
-Tokenization (lm-eval 0.4.x, ``TemplateLM._encode_pair`` and ``HFLM.tok_encode``):
-
-* trailing whitespace of the context moves to the front of the continuation;
-* ``whole = encode(context + continuation)``, ``ctx = encode(context)``, and the continuation's
-  tokens are ``whole[len(ctx):]`` (so a merge across the boundary is scored as lm-eval scores it);
-* special tokens: ``add_bos_token=None`` (HFLM's default) keeps the tokenizer's own behaviour
-  (Llama adds BOS, GPT-NeoX and GPT-2 add nothing), except that a text already starting with
-  the BOS (or EOS) string gets no second one; ``True`` puts BOS first; ``False`` adds nothing;
-* an empty context is replaced by the prefix token (BOS, else EOS).
+Tokenization is lm-eval's (``tokens.py``; its names are re-exported here).
 
 Scoring (``HFLM._loglikelihood_tokens``): the model reads ``(ctx + cont)[-(max_length + 1):][:-1]``
 (truncated from the left), the continuation's log-probabilities are read from the last
 ``len(cont)`` positions and summed; ``is_greedy`` says whether arg-max decoding gives the
-continuation. Requests are sorted longest first, right-padded (with an attention mask) and put
-back in their original order. Log-softmax is taken in float32.
+continuation. Requests are sorted longest first, right-padded and put back in their original
+order. Log-softmax is taken in float32.
+
+The loop is built to keep a GPU busy (issue 18): every batch is built before the first forward
+(``batches.py``, pinned, copied ``non_blocking``), no attention mask is passed (as lm-eval: right
+padding is never read, see :func:`_forward_batches`), each batch's results stay on the device, and
+the host reads them once, after the last forward: that ``.tolist()`` is the loop's only sync point.
 """
 
 from __future__ import annotations
@@ -28,14 +25,21 @@ from tqdm.auto import tqdm
 
 from unlearning.core.faults import fault_point
 from unlearning.core.runtime import autocast, is_main_process, resolve_device
+from unlearning.evaluation.batches import Batch, build_batches, longest_first, max_scored_positions, plan_batches
+from unlearning.evaluation.tokens import (  # noqa: F401  (re-exported: the scoring module's public names)
+    TokenPair,
+    encode_pair,
+    encode_pairs,
+    prefix_token_id,
+    tok_encode,
+    tok_encode_batch,
+)
 from unlearning.model.layers import unwrap_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer names one
 TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
-
-TokenPair = tuple[list[int], list[int]]
 
 
 class LogLikelihood(float):
@@ -53,82 +57,6 @@ class LogLikelihood(float):
 
     def __reduce__(self):  # keep is_greedy through pickling (torch.distributed gathers, workers)
         return (LogLikelihood, (float(self), self.is_greedy))
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenization
-
-
-def prefix_token_id(tokenizer) -> int | None:
-    """The token that stands in for an empty context: BOS, else EOS (lm-eval's ``prefix_token_id``)."""
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
-def tok_encode_batch(tokenizer, texts: Sequence[str], add_bos_token: bool | None = None,
-                     add_special_tokens: bool | None = None) -> list[list[int]]:
-    """Token ids of each text with lm-eval's special-token rule (see the module docstring);
-    one batched tokenizer call per rule (the same ids as one ``encode`` per text)."""
-    def run(batch: Sequence[str], **kwargs) -> list[list[int]]:
-        return [list(ids) for ids in tokenizer(list(batch), **kwargs)["input_ids"]] if batch else []
-
-    if add_special_tokens is None and add_bos_token is True:
-        bos = tokenizer.bos_token_id
-        if bos is None:
-            raise ValueError("add_bos_token: the tokenizer has no BOS token; use add_bos_token false or auto")
-        return [ids if ids[:1] == [bos] else [bos, *ids] for ids in run(texts, add_special_tokens=False)]
-    if add_special_tokens is not None:
-        return run(texts, add_special_tokens=add_special_tokens)
-    if add_bos_token is not None:
-        return run(texts, add_special_tokens=add_bos_token)
-    prefix = prefix_token_id(tokenizer)
-    prefix_text = tokenizer.decode([prefix]) if prefix is not None else ""
-    # a text that already starts with the BOS string gets no second one (lm-eval's has_bos_prefix)
-    has_prefix = [bool(prefix_text) and text.startswith(prefix_text) for text in texts]
-    plain = iter(run([t for t, h in zip(texts, has_prefix) if h], add_special_tokens=False))
-    default = iter(run([t for t, h in zip(texts, has_prefix) if not h]))
-    return [next(plain) if h else next(default) for h in has_prefix]
-
-
-def tok_encode(tokenizer, text: str, add_bos_token: bool | None = None,
-               add_special_tokens: bool | None = None) -> list[int]:
-    """Token ids of one text (lm-eval's ``HFLM.tok_encode``)."""
-    return tok_encode_batch(tokenizer, [text], add_bos_token, add_special_tokens)[0]
-
-
-def encode_pairs(tokenizer, requests: Sequence[tuple[str, str]],
-                 add_bos_token: bool | None = None) -> list[TokenPair]:
-    """``(context_ids, continuation_ids)`` of each request exactly as lm-eval's causal
-    ``_encode_pair`` (plus its empty-context rule from ``TemplateLM.loglikelihood``); each
-    distinct context is encoded once."""
-    out: list[TokenPair | None] = [None] * len(requests)
-    empty = [i for i, (ctx, _) in enumerate(requests) if ctx == ""]
-    if empty:
-        prefix = prefix_token_id(tokenizer)
-        if prefix is None:
-            raise ValueError("an empty context needs a BOS or EOS token to stand in for it")
-        conts = tok_encode_batch(tokenizer, [requests[i][1] for i in empty], add_special_tokens=False)
-        for i, cont in zip(empty, conts):
-            out[i] = (cont[:1], cont[1:]) if cont[:1] == [prefix] else ([prefix], cont)
-    rest = [i for i, (ctx, _) in enumerate(requests) if ctx != ""]
-    split = []
-    for i in rest:
-        context, continuation = requests[i]
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:  # trailing whitespace belongs to the continuation
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        split.append((context, continuation))
-    contexts = list(dict.fromkeys(ctx for ctx, _ in split))
-    context_ids = dict(zip(contexts, tok_encode_batch(tokenizer, contexts, add_bos_token)))
-    wholes = tok_encode_batch(tokenizer, [ctx + cont for ctx, cont in split], add_bos_token)
-    for i, (ctx, _), whole in zip(rest, split, wholes):
-        out[i] = (context_ids[ctx], whole[len(context_ids[ctx]):])
-    return out  # type: ignore[return-value]
-
-
-def encode_pair(tokenizer, context: str, continuation: str,
-                add_bos_token: bool | None = None) -> TokenPair:
-    """One request's ``(context_ids, continuation_ids)``; see :func:`encode_pairs`."""
-    return encode_pairs(tokenizer, [(context, continuation)], add_bos_token)[0]
 
 
 def model_max_length(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
@@ -210,42 +138,43 @@ def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return trunk, head
 
 
-def _forward_longest_first(model, rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], *,
-                           batch_size: int, device: torch.device, mixed_precision: bool | None, desc: str,
-                           progress: bool) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-    """Yield ``(row indices, [logits (end - start, V) of each row])`` for batches of rows sorted
-    longest first; ``spans[i] = (start, end)`` are the positions of row ``i`` whose logits are read.
 
-    Rows are right-padded, so every real token keeps its position; the attention mask hides the
-    padding from nothing that is read back (causal attention never looks right).
+
+def _plan(model, rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], batch_size: int,
+          device: torch.device, extra=None) -> list[Batch]:
+    """All batches of ``rows``, longest first, built on the host (pinned when they go to a GPU)."""
+    order = longest_first(rows)
+    plan = plan_batches(order, [len(r) for r in rows], [end - start for start, end in spans], batch_size,
+                        max_scored_positions(unwrap_model(model)))
+    return build_batches(rows, spans, plan, pin=device.type == "cuda", extra=extra)
+
+
+def _forward_batches(model, batches: Sequence[Batch], *, device: torch.device, mixed_precision: bool | None,
+                     desc: str, progress: bool) -> Iterator[tuple[Batch, list[torch.Tensor], torch.Tensor]]:
+    """Yield ``(batch, its extra tensors on the device, logits (N, V) at its scored positions)``.
+
+    No attention mask, as lm-eval's ``HFLM._model_call``: rows are right-padded, so every real
+    token keeps its position and causal attention never lets it see the padding to its right;
+    the padding's own outputs are never read. Without a mask SDPA runs its causal (flash) kernel,
+    and transformers skips the mask check that reads the mask back to the host (a sync per forward).
     """
     amp = _mixed_precision_dtype(model, device, mixed_precision)
     split = _split_head(model)
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
-    bar = tqdm(total=len(rows), desc=desc, disable=not progress or not is_main_process(), leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = len(rows[idx[0]])
-        input_ids = torch.zeros(len(idx), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            input_ids[r, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-            attention_mask[r, :len(rows[i])] = 1
-        # the (batch row, position) of every scored logit, flattened: (N,) each
-        lengths = [spans[i][1] - spans[i][0] for i in idx]
-        row_of = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(lengths)).to(device)
-        pos_of = torch.cat([torch.arange(*spans[i]) for i in idx]).to(device)
+    bar = tqdm(total=sum(len(b.index) for b in batches), desc=desc,
+               disable=not progress or not is_main_process(), leave=False)
+    for batch in batches:
+        # pinned host memory: the copies are queued behind the previous forward, the host goes on
+        input_ids, row_of, pos_of, *extra = (t.to(device, non_blocking=True) for t in
+                                             (batch.input_ids, batch.row_of, batch.pos_of, *batch.extra))
         with autocast(device, amp):
             if split is None:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               use_cache=False).logits[row_of, pos_of]                      # (N, V)
+                logits = model(input_ids=input_ids, use_cache=False).logits[row_of, pos_of]  # (N, V)
             else:
                 trunk, head = split
-                hidden = trunk(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               use_cache=False).last_hidden_state                           # (B, T, C)
+                hidden = trunk(input_ids=input_ids, use_cache=False).last_hidden_state     # (B, T, C)
                 logits = head(hidden[row_of, pos_of])                                       # (N, V)
-        yield idx, list(logits.split(lengths))
-        bar.update(len(idx))
+        yield batch, extra, logits
+        bar.update(len(batch.index))  # counts launched batches: without syncs the host runs ahead
         fault_point("eval_batch")
     bar.close()
 
@@ -264,20 +193,36 @@ def loglikelihood_tokens(model, pairs: Sequence[TokenPair], *, batch_size: int =
             raise ValueError(f"a continuation of {len(cont)} tokens exceeds the model's maximum length {limit}")
         inputs.append((ctx + cont)[-(limit + 1):][:-1])  # truncated from the left, as lm-eval
     _warn_truncated(sum(len(c) + len(x) > limit + 1 for c, x in pairs), limit)
-    results: list[LogLikelihood | None] = [None] * len(pairs)
+    if not pairs:
+        return []
+
+    def targets(index: list[int]) -> tuple[torch.Tensor, ...]:
+        # per scored position: the continuation token it must predict, its batch row, its place in
+        # the continuation (N,) each; the row's sum is over a zero-padded (B, longest continuation)
+        conts = [pairs[i][1] for i in index]
+        return (torch.tensor([t for c in conts for t in c]),
+                torch.repeat_interleave(torch.arange(len(index)), torch.tensor([len(c) for c in conts])),
+                torch.cat([torch.arange(len(c)) for c in conts]))
+
+    sums, greedy, order = [], [], []
     with inference(model, device) as dev:
         spans = [(len(row) - len(cont), len(row)) for row, (_, cont) in zip(inputs, pairs)]
-        for idx, logits in _forward_longest_first(model, inputs, spans, batch_size=batch_size, device=dev,
-                                                  mixed_precision=mixed_precision,
-                                                  desc="log-likelihoods", progress=progress):
-            sums, greedy = [], []
-            for r, i in enumerate(idx):
-                cont = torch.tensor(pairs[i][1], device=logits[r].device)
-                logprobs = logits[r].float().log_softmax(-1)                           # (len(cont), V)
-                sums.append(logprobs.gather(-1, cont[:, None]).sum())
-                greedy.append((logprobs.argmax(-1) == cont).all())
-            for i, value, is_greedy in zip(idx, torch.stack(sums).tolist(), torch.stack(greedy).tolist()):
-                results[i] = LogLikelihood(value, is_greedy)
+        batches = _plan(model, inputs, spans, batch_size, dev, extra=targets)
+        for batch, (target, row, place), logits in _forward_batches(
+                model, batches, device=dev, mixed_precision=mixed_precision, desc="log-likelihoods",
+                progress=progress):
+            logprobs = logits.float().log_softmax(-1)                                   # (N, V)
+            shape = (len(batch.index), max(len(pairs[i][1]) for i in batch.index))      # (B, L)
+            token_lp = logprobs.gather(-1, target[:, None])[:, 0]                      # (N,)
+            sums.append(logprobs.new_zeros(shape).index_put_((row, place), token_lp).sum(-1))
+            hits = torch.ones(shape, dtype=torch.bool, device=dev)
+            greedy.append(hits.index_put_((row, place), logprobs.argmax(-1) == target).all(-1))
+            order += batch.index
+        # the one CPU-GPU sync point: every batch's results come to the host together
+        values, is_greedy = torch.cat(sums).tolist(), torch.cat(greedy).tolist()
+    results: list[LogLikelihood | None] = [None] * len(pairs)
+    for i, value, hit in zip(order, values, is_greedy):
+        results[i] = LogLikelihood(value, hit)
     return results  # type: ignore[return-value]
 
 
@@ -294,17 +239,27 @@ def next_token_loglikelihoods(model, contexts: Sequence[list[int]], candidates: 
     _warn_truncated(sum(len(ctx) > limit for ctx in contexts), limit)
     if any(not row for row in rows):
         raise ValueError("every context needs at least one token")
-    results: list[list[LogLikelihood] | None] = [None] * len(rows)
+
+    def letters(index: list[int]) -> tuple[torch.Tensor, ...]:
+        # per candidate of the batch's questions, flattened: its batch row and its token (M,) each
+        return (torch.repeat_interleave(torch.arange(len(index)), torch.tensor([len(candidates[i]) for i in index])),
+                torch.tensor([c for i in index for c in candidates[i]]))
+
+    values, greedy = [], []
     with inference(model, device) as dev:
         spans = [(len(row) - 1, len(row)) for row in rows]  # the last position alone
-        for idx, logits in _forward_longest_first(model, rows, spans, batch_size=batch_size, device=dev,
-                                                  mixed_precision=mixed_precision,
-                                                  desc="letter log-likelihoods", progress=progress):
-            logprobs = torch.cat(logits).float().log_softmax(-1)                       # (b, V)
-            best = logprobs.argmax(-1).tolist()
-            for r, i in enumerate(idx):
-                values = logprobs[r, list(candidates[i])].tolist()
-                results[i] = [LogLikelihood(v, best[r] == c) for v, c in zip(values, candidates[i])]
+        batches = _plan(model, rows, spans, batch_size, dev, extra=letters)
+        for _, (row, token), logits in _forward_batches(model, batches, device=dev, mixed_precision=mixed_precision,
+                                                         desc="letter log-likelihoods", progress=progress):
+            logprobs = logits.float().log_softmax(-1)                                   # (B, V)
+            values.append(logprobs[row, token])                                         # (M,)
+            greedy.append(logprobs.argmax(-1)[row] == token)                            # (M,)
+        # the one CPU-GPU sync point: every batch's results come to the host together
+        flat = zip(torch.cat(values).tolist(), torch.cat(greedy).tolist()) if values else iter(())
+    results: list[list[LogLikelihood] | None] = [None] * len(rows)
+    for batch in batches:  # the candidates come back in batch order
+        for i in batch.index:
+            results[i] = [LogLikelihood(*next(flat)) for _ in candidates[i]]
     return results  # type: ignore[return-value]
 
 

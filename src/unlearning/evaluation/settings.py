@@ -18,7 +18,8 @@ class EvalSettings:
     """Which tasks, and how :func:`unlearning.evaluation.evaluate` scores them."""
     tasks: list[str] = param(ORGANISM_TASKS, help="task names or local .json/.jsonl/.parquet files "
                                                   "(add :cloze for the question format)")
-    batch_size: int = param(32, min=1, help="questions' requests per forward pass")
+    batch_size: int = param(32, min=1, help="rows per forward pass (more where rows of nearly equal length "
+                                             "fit the first, longest batch's tokens)")
     limit: int | None = param(None, min=1, help="first N questions of each task (for quick checks)")
     add_bos_token: bool | None = param(None, help="prepend BOS (unset: lm-eval's default for the tokenizer)")
     max_length: int | None = param(None, min=2, help="context limit in tokens (unset: the model's)")

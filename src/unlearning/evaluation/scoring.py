@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from unlearning.core.faults import fault_point
 from unlearning.core.runtime import autocast, is_main_process, resolve_device
-from unlearning.model.layers import unwrap_model
+from unlearning.model.layers import is_sharded, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,8 @@ def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in HEAD_SPLIT_MODEL_TYPES:
+        return None
+    if is_sharded(inner):  # FSDP2 gathers the head's shards only in the root's own forward
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None

@@ -33,21 +33,32 @@ JOBS = {
 }
 
 
+RESUMED = "sequential_full"  # killed mid-phase and resumed, in the resume test
+
+
+def job_config(name: str, out: Path, grad_accum: int) -> RunConfig:
+    return from_dict(RunConfig, merge(merge(merge(BRIEF, FSDP), JOBS[name]), {
+        "name": name, "output_dir": str(out), "train": {"grad_accum": grad_accum, "checkpoint_every": 1}}))
+
+
 def run_jobs(out: Path, grad_accum: int) -> None:
-    for name, job in JOBS.items():
-        data = merge(merge(merge(BRIEF, FSDP), job), {"name": name, "output_dir": str(out),
-                                                      "train": {"grad_accum": grad_accum}})
-        run(from_dict(RunConfig, data))
+    for name in JOBS:
+        run(job_config(name, out, grad_accum))
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
+    if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
+        os.environ["UNLEARNING_FAULT"] = "train_step:3"
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        run_jobs(Path(out), MICRO_BATCHES // WORLD)
+        if mode == "all":
+            run_jobs(Path(out), MICRO_BATCHES // WORLD)
+        else:
+            run(job_config(RESUMED, Path(out), MICRO_BATCHES // WORLD), resume=mode == "resume")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -96,7 +107,33 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
     assert off <= 5e-3 * sum(t.numel() for t in saved[0].values()), off
 
 
-def test_fsdp_refuses_what_it_cannot_shard():
-    data = merge(BRIEF, {"train": {"parallel": "fsdp", "grad_filter": "asymmetric"}})
-    with pytest.raises(ConfigError, match="train.grad_filter"):
-        from_dict(RunConfig, data)
+@pytest.mark.slow
+def test_fsdp_run_killed_mid_phase_resumes_to_the_uninterrupted_run(both, tmp_path):
+    """Full-tensor checkpoints: weights and optimizer gathered on rank 0, loaded back into shards."""
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):
+        torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "killed"), nprocs=WORLD)
+    killed = curve(tmp_path / RESUMED)
+    assert [r["step"] for r in killed][:3] == [1, 2, 3] and len(killed) < len(curve(both[1] / RESUMED))
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "resume"), nprocs=WORLD)
+    resumed, uninterrupted = curve(tmp_path / RESUMED), curve(both[1] / RESUMED)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for a, b in zip(uninterrupted, resumed):
+        for k in [k for k in a if k.endswith(("_term", "_loss"))] + ["grad_norm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+@pytest.mark.parametrize("train, key", [({"grad_filter": "asymmetric"}, "train.grad_filter"),
+                                        ({"l2sp_coef": 0.1}, "train.l2sp_coef"),
+                                        ({"optimizer": {"name": "muon"}}, "train.optimizer.name"),
+                                        ({"dtype": "fp16"}, "train.dtype")])
+def test_fsdp_refuses_what_it_cannot_shard_when_the_config_is_read(train, key):
+    with pytest.raises(ConfigError, match=f"^{key}: .*train.parallel ddp"):
+        from_dict(RunConfig, merge(BRIEF, {"train": {"parallel": "fsdp", **train}}))
+
+
+def test_fsdp_refuses_methods_it_does_not_shard_before_weights_load(tiny_organism, tmp_path):
+    from unlearning.preflight import preflight
+    cfg = from_dict(RunConfig, merge(BRIEF, {"method": "undo", "model": "organism:tiny", "output_dir": str(tmp_path),
+                                             "train": {"parallel": "fsdp"}}))
+    with pytest.raises(ConfigError, match="^train.parallel: fsdp is wired for sequential.*use train.parallel ddp"):
+        preflight(cfg)

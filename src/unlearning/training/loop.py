@@ -85,7 +85,7 @@ class TrainConfig:
                            (self.optimizer.name == "muon", "train.optimizer.name: Muon orthogonalises whole "
                             "matrices and FSDP shards them; use adamw or train.parallel ddp"),
                            (self.dtype == "fp16", "train.dtype: fp16 under train.parallel fsdp needs a sharded "
-                            "loss scaler, which is not wired; use bf16 or fp32")]
+                            "loss scaler, which is not wired; use bf16, fp32 or train.parallel ddp")]
             for bad, message in unsupported:
                 if bad:
                     raise ConfigError(message)

@@ -105,6 +105,11 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
         torch.testing.assert_close(saved[1][k], t, rtol=1e-4, atol=noisy, msg=lambda m, k=k: f"{k}: {m}")
         off += int((~torch.isclose(saved[1][k], t, rtol=1e-4, atol=1e-6)).sum())
     assert off <= 5e-3 * sum(t.numel() for t in saved[0].values()), off
+    if job.endswith("lora"):  # the adapter, saved by peft from the gathered tensors
+        adapters = [load_file(str(folder / job / "adapter" / "adapter_model.safetensors")) for folder in both]
+        assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+        for k, t in adapters[0].items():
+            torch.testing.assert_close(adapters[1][k], t, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

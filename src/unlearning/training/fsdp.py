@@ -104,8 +104,9 @@ def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
 
 def merged_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(merged weights, adapter weights)`` of a sharded model (a peft model's LoRA adapters merged),
-    full tensors on rank 0's CPU (empty elsewhere); every rank calls it. The merge is peft's ``merge_and_unload`` on the full
-    tensors (``W + scaling * B @ A``), so the saved model is the one the DDP path saves."""
+    full tensors on rank 0's CPU (empty elsewhere); every rank calls it. The merge is peft's
+    ``merge_and_unload`` on the full tensors (``W + scaling * B @ A``), so the saved model is the one
+    the DDP path saves."""
     from peft.tuners.lora import LoraLayer
     inner = get_parts(model).model
     state = _gathered(inner)

@@ -11,7 +11,9 @@ per-step metrics, the progress bar, NaN checks with one device sync per step, an
 
 The loss function is a plain function of the model and a batch. Under torchrun each micro-batch's
 losses go through PyTorch's DistributedDataParallel, wrapped again for each phase's parameters
-(:mod:`unlearning.training.distributed`), so the same loop runs on one process or many.
+(:mod:`unlearning.training.distributed`), so the same loop runs on one process or many. Under
+``train.parallel: fsdp`` the model is sharded (:mod:`unlearning.training.fsdp`): the losses run as in
+one process, and the checkpoint gathers and loads full tensors.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class OriginalWeights:
         return self._store[key]
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) + len(self._modules)
 
     def nbytes(self) -> int:
         """Bytes held on this process (a sharded module's local shards)."""

@@ -58,16 +58,16 @@ def shard_model(model: nn.Module, originals: OriginalWeights | None, device: tor
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # a root by itself would keep it gathered
         layer._get_fsdp_state()._lazy_init()  # its own root now: see the module docstring
 
-    if originals is not None and len(originals):
+    kept = originals is not None and len(originals) > 0
+    if kept:
         originals.keep_as_modules(shard_original)
     parts = get_parts(model)
     for layer in parts.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(parts.model, mesh=mesh)
     parts.model._get_fsdp_state()._lazy_init()  # fix the tree now, before a swapped original is in it
-    log.info("FSDP2: %d decoder layers and the root sharded over %d ranks%s", len(parts.layers),
-             mesh.size(), f"; originals kept as sharded modules: {originals}" if originals is not None
-             and len(originals) else "")
+    log.info("FSDP2: %d decoder layers and the root sharded over %d ranks%s", len(parts.layers), mesh.size(),
+             f"; originals kept as sharded modules: {originals}" if kept else "")
 
 
 def full_state(model: nn.Module, names: set[str] | list[str]) -> dict[str, torch.Tensor]:

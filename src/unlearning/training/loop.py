@@ -71,7 +71,8 @@ class TrainConfig:
                                                  "mid-phase); 0 = only at the end of each phase")
     parallel: Literal["ddp", "fsdp"] = param(
         "ddp", help="under torchrun: ddp (every rank holds the model; DDP averages gradients) or fsdp "
-                    "(FSDP2: each decoder layer sharded over the ranks, for models too large for one GPU)")
+                    "(FSDP2: each decoder layer's parameters, gradients and optimizer state sharded over the "
+                    "ranks; the weights still load whole on each rank first)")
 
     def __post_init__(self) -> None:
         if self.dtype == "fp16" and self.grad_filter != "none":

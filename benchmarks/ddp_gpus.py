@@ -2,6 +2,7 @@
 
     python benchmarks/ddp_gpus.py                        # 2 GPUs (nvidia-h100-x2), about 5 min
     python benchmarks/ddp_gpus.py --device cpu --layers 2 --hidden 64 --steps 2   # the CPU check (gloo)
+    python benchmarks/ddp_gpus.py --parallel fsdp --results benchmarks/results/fsdp_gpus.json  # FSDP2 instead
 
 The CPU tests (tests/test_distributed.py) show the equivalence under gloo; this runs the same
 comparison where DDP's CUDA path (device_ids, NCCL buckets) runs. A random GPT-NeoX (default 12
@@ -40,6 +41,8 @@ JOBS = {
     "sequential_full": {"method": "sequential", "sequential": {
         "layers": "auto", "finetune": "full", "retain_losses": {"l2": 1.0}}},
     "rmu": {"method": "rmu", "rmu": {"layer": 2, "modules": ["mlp"], "finetune": "full"}},
+    "rmu_lora": {"method": "rmu", "rmu": {"layer": 2, "modules": ["mlp"], "finetune": "lora",
+                                          "lora": {"r": 16, "dropout": 0.0, "init_b_std": 0.02}}},
 }
 
 
@@ -88,7 +91,8 @@ def config(out: Path, job: dict, args: argparse.Namespace) -> dict:
     return {"model": str(out / "model"), "method": method, "device": args.device, method: section,
             "data": {"forget": {"source": str(out / "forget.jsonl")}, "retain": {"source": str(out / "retain.jsonl")},
                      "num_train_examples": args.batch * 4 * args.steps * 2, "seq_len": args.seq_len},
-            "train": {"batch_size": args.batch, "dtype": args.dtype, "optimizer": {"lr": 1e-4}},
+            "train": {"batch_size": args.batch, "dtype": args.dtype, "optimizer": {"lr": 1e-4},
+                      "parallel": args.parallel},  # one rank: no sharding, whatever it says
             "eval": {"tasks": [str(out / "q.jsonl") + ":cloze"], "before": False, "reference": None},
             "save": {"model": False}}
 
@@ -147,6 +151,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="steps per layer phase (sequential) or in all (rmu)")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--jobs", default=",".join(JOBS))
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="train.parallel of the multi-rank runs")
     p.add_argument("--results", default="benchmarks/results/ddp_gpus.json")
     args = p.parse_args()
     import torch
@@ -166,12 +171,12 @@ def main() -> int:
                      "noise_floor": compare(one, floor), "s_per_step_1": t1,
                      f"s_per_step_{args.ranks}": tn, "speedup": t1 / tn if t1 and tn else None})
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    report = {"device": device, "ranks": args.ranks, "torch": torch.__version__,
+    report = {"device": device, "ranks": args.ranks, "parallel": args.parallel, "torch": torch.__version__,
               "transformers": transformers.__version__, "shape": {k: getattr(args, k) for k in (
                   "layers", "hidden", "vocab", "seq_len", "batch", "accum", "steps", "dtype")}, "jobs": rows}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{device}, {args.ranks} ranks vs 1, global batch {args.batch * args.accum * args.ranks}, {args.dtype}")
+    print(f"\n{device}, {args.ranks} ranks ({args.parallel}) vs 1, global batch {args.batch * args.accum * args.ranks}, {args.dtype}")
     print(f"| job | steps | max rel diff, {args.ranks} ranks vs 1 | noise floor (1e-7 weights) | s/step 1 | "
           f"s/step {args.ranks} | speed-up |")
     print("|---|---|---|---|---|---|---|")

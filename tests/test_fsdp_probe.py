@@ -8,8 +8,9 @@ answered here with real sharded models:
 - Full fine-tuning: the probe swaps stored originals into the layers' ``_parameters``; FSDP2's
   pre-forward hook then registers the all-gathered *current* parameters over the swap, so the
   "original" layers compute with the current weights. The test pins that down (the probe equals
-  the current model, not the original), which is why full fine-tuning under FSDP2 needs the
-  originals as modules of their own (docs/ARCHITECTURE.md, "Distributed").
+  the current model, not the original), which is why full fine-tuning under FSDP2 keeps the
+  originals as sharded modules of their own, swapped into the layer list (``training/fsdp.py``);
+  the test checks that form gives the original model (docs/ARCHITECTURE.md, "Distributed").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 from unlearning.model.layers import get_parts
 from unlearning.model.originals import OriginalWeights, original_layers_after
+from unlearning.training.fsdp import shard_model
 from unlearning.training.trainable import LoraSettings, add_lora
 
 
@@ -88,6 +90,20 @@ def _worker(rank: int, port: int, out: str) -> None:
         record["full_probe_is_original"] = torch.allclose(got, want, atol=1e-5)
         record["full_probe_is_current"] = torch.allclose(got, current, atol=1e-6)
         record["full_original_differs"] = not torch.allclose(want, current, atol=1e-3)
+
+        # The fix (training/fsdp.py): the original of layer 2 kept as a sharded module of its own,
+        # swapped into the layer list; the probe is then the original model after layer 1
+        model = tiny_model("gpt_neox").train()
+        originals = OriginalWeights(model)
+        originals.snapshot(2)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in get_parts(model).layers[2].parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        shard_model(model, originals, torch.device("cpu"))
+        with torch.no_grad(), original_layers_after(model, 1, originals):
+            got = _logits(model, ids, mask)
+        record["module_probe_is_original"] = torch.allclose(got, want, atol=1e-5)
         Path(f"{out}.rank{rank}").write_text(json.dumps(record))
     finally:
         torch.distributed.destroy_process_group()
@@ -99,7 +115,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_probe_lora_works_and_full_finetuning_swap_is_overridden(tmp_path):
+def test_fsdp2_probe_lora_works_and_full_finetuning_needs_original_modules(tmp_path):
     out = tmp_path / "fsdp"
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=2)
     for rank in range(2):
@@ -109,3 +125,4 @@ def test_fsdp2_probe_lora_works_and_full_finetuning_swap_is_overridden(tmp_path)
         assert record["full_original_differs"]
         # FSDP2 puts the current weights back over the swapped originals: the probe is the current model
         assert record["full_probe_is_current"] and not record["full_probe_is_original"], record
+        assert record["module_probe_is_original"], record  # originals as modules of their own work

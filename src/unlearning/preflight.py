@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 # Keys that may change when a run is resumed: where it runs and how it logs, not what it computes.
 # output_dir is here because the run directory was found, so it names the same folder.
 FREE_ON_RESUME = ("device", "output_dir", "logging.*", "eval.batch_size")
+# The methods whose training runs on a model sharded by FSDP2 (training/fsdp.py): UNDO and TAR keep
+# whole-tensor copies (noised parts, the adversary's functional copy) that sharding would split.
+FSDP_METHODS = ("sequential", "checkpoint_transfer", "circuit_breaker", "rmu")
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # config.json spellings
 CORPORA = ("forget", "retain", "extra_retain")
 
@@ -288,6 +291,9 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if mode == "complete":  # nothing will run
         return plan
     check_writable(rundir.path, "output_dir")
+    if cfg.train.parallel == "fsdp" and cfg.method not in FSDP_METHODS:
+        raise ConfigError(f"train.parallel: fsdp is wired for {', '.join(FSDP_METHODS)}, not {cfg.method} "
+                          f"(its originals or adversary copies are whole tensors); use train.parallel ddp")
     plan.depth = model_depth(model_name, cfg.revision)
     if plan.depth is not None:
         check_layers(cfg, method_config, plan.depth)

@@ -31,7 +31,7 @@ from unlearning.core.logs import FILE_ONLY
 from unlearning.core.paths import runs_root
 from unlearning.core.rundir import RunDir
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
-                                     seed_everything)
+                                     seed_everything, world_size)
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.evaluation import evaluate
 from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
@@ -40,6 +40,7 @@ from unlearning.model.loading import load_model
 from unlearning.reporting.report import write_training_curves
 from unlearning.preflight import Plan, organism_preset, preflight, resolved_model_name
 from unlearning.tasks import get_tasks
+from unlearning.training import fsdp
 from unlearning.training.loop import Checkpointer, TrainConfig, train
 
 __all__ = ["RunConfig", "load_run_config", "run", "preflight", "resolved_model_name", "organism_preset"]
@@ -151,13 +152,15 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
     """Save (adapter and) merged weights atomically; returns the merged model.
 
     ``write=False`` (ranks other than 0 under torchrun) only merges, so every rank evaluates the
-    same weights rank 0 saved."""
-    def atomic_save(obj: Any, dest: Path) -> None:
+    same weights rank 0 saved. A model sharded by FSDP2 is gathered into full tensors on rank 0
+    (every rank takes part) and saved from them; it is returned as it is, adapters unmerged (the
+    merged weights exist only on rank 0's CPU), and evaluated sharded."""
+    def atomic_save(obj: Any, dest: Path, state_dict: dict[str, Any] | None = None) -> None:
         if not write:
             return
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        obj.save_pretrained(tmp)
+        obj.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         if obj is not tokenizer:
             tokenizer.save_pretrained(tmp)
         match_umask(tmp)  # safetensors writes the weights 0600 whatever the umask
@@ -166,6 +169,13 @@ def save_model(model: Any, tokenizer: Any, folder: Path, adapter_folder: Path | 
         os.replace(tmp, dest)
 
     from peft import PeftModel  # lazy: peft imports transformers (seconds); preflight errors come sooner
+    if fsdp.is_sharded(model):
+        inner = model.get_base_model() if isinstance(model, PeftModel) else model
+        merged, adapter = fsdp.merged_lora_state(model)  # collectives: before any rank returns
+        if isinstance(model, PeftModel) and adapter_folder is not None:
+            atomic_save(model, adapter_folder, {f"base_model.model.{k}": v for k, v in adapter.items()})
+        atomic_save(inner, folder, merged)
+        return model
     if isinstance(model, PeftModel):
         if adapter_folder is not None:
             atomic_save(model, adapter_folder)
@@ -243,6 +253,9 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if cfg.train.parallel == "fsdp" and world_size() > 1:
+        # after the method's set-up (LoRA adapters, the originals to keep), before any training
+        fsdp.shard_model(model, getattr(method, "originals", None), device)
     steps = sum(p.steps for p in method.phases())
     log.info(describe_schedule("forget data", len(data["forget"]), steps, cfg.train.batch_size, cfg.train.grad_accum))
     log.info(describe_schedule("retain data", len(data["retain"]), steps, cfg.train.batch_size, cfg.train.grad_accum))

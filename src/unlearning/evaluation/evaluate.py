@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from unlearning.core.errors import NonFiniteScoreError
+from unlearning.model.layers import is_sharded
 from unlearning.evaluation.parallel import data_parallel_map
 from unlearning.evaluation.prompts import build_prompt
 from unlearning.evaluation.scoring import (
@@ -186,10 +187,12 @@ def evaluate(model, tokenizer, tasks: Sequence[Task] | Sequence[str] | str, *, b
             prompts.append((task, ctx, conts))
             owners.append((t, k))
     log.info("evaluating %d questions in %d tasks", len(prompts), len(tasks))
-    # under torchrun each rank scores a shard of the prompts; all ranks get every result
+    # under torchrun each rank scores a shard of the prompts and all ranks get every result; a model
+    # sharded by FSDP2 scores them all on every rank (evaluation/parallel.py says why)
     lls = data_parallel_map(lambda part: _score_requests(
         model, tokenizer, part, batch_size=batch_size, device=device, add_bos_token=add_bos_token,
-        max_length=limit_len, mixed_precision=mixed_precision, fast_letter=fast_letter), prompts)
+        max_length=limit_len, mixed_precision=mixed_precision, fast_letter=fast_letter), prompts,
+        replicate=is_sharded(model))
 
     per_task: list[list[tuple[Any, dict, list[LogLikelihood], str]]] = [[] for _ in tasks]
     for (t, k), (task, ctx, _), q_lls in zip(owners, prompts, lls):

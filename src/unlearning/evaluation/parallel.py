@@ -5,6 +5,11 @@ GPU, scores questions ``rank, rank + N, rank + 2N, ...`` (interleaved, so long a
 spread evenly), and the log-likelihoods are gathered back into the original order, so the
 metrics are those of one process. Only rank 0 writes files (``RunDir`` and ``unlearn eval``).
 Without an initialised process group this is a plain call.
+
+A model sharded by FSDP2 (``train.parallel: fsdp``) is scored with ``replicate=True``: every rank
+scores every question. Each of its forwards all-gathers the layers' shards, a collective every
+rank must join; shards of the questions would give the ranks different numbers of batches (and a
+deadlock), so the ranks run the same batches instead, at N-fold compute.
 """
 
 from __future__ import annotations
@@ -42,14 +47,15 @@ def unshard(parts: Sequence[Sequence[R]], n: int) -> list[R]:
     return out
 
 
-def data_parallel_map(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
-    """``fn(items)``, computed as ``fn`` of each rank's shard and gathered on every rank.
+def data_parallel_map(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, replicate: bool = False) -> list[R]:
+    """``fn(items)``, computed as ``fn`` of each rank's shard and gathered on every rank
+    (``replicate``: computed whole on every rank, for a sharded model; see the module docstring).
 
     ``fn`` maps a list to a list of the same length (it must accept an empty list: a rank may
     get no items). Results are gathered with ``all_gather_object`` (picklable values).
     """
     rank, world = distributed()
-    if world == 1:
+    if world == 1 or replicate:
         return fn(list(items))
     local = fn(shard(items, rank, world))
     parts: list[list[R] | None] = [None] * world

@@ -34,7 +34,7 @@ from unlearning.evaluation.tokens import (  # noqa: F401  (re-exported: the scor
     tok_encode,
     tok_encode_batch,
 )
-from unlearning.model.layers import unwrap_model
+from unlearning.model.layers import is_sharded, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in HEAD_SPLIT_MODEL_TYPES:
+        return None
+    if is_sharded(inner):  # FSDP2 gathers the head's shards only in the root's own forward
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None

@@ -273,6 +273,9 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
         originals = OriginalWeights(model)
         for p in model.parameters():
             p.requires_grad_(False)
+        if train.parallel == "fsdp":  # sharding keeps them as modules, while the layers are still whole
+            for L in layers:
+                originals.snapshot(L)
     per_step = train.batch_size * train.grad_accum * world_size()
     log.info("sequential: %d unique forget and %d unique retain examples; %d examples per step",
              len(data["forget"]), len(data["retain"]), per_step)

@@ -152,6 +152,13 @@ def num_layers(model: nn.Module) -> int:
     return len(get_parts(model).layers)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) shards the model: its decoder model is then an ``FSDPModule``
+    whose parameters are DTensor shards outside a forward pass (``training/fsdp.py`` shards it so)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(unwrap_model(model), FSDPModule)
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer specs
 
@@ -291,6 +298,12 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         # the stop skipped DDP's post-forward, which arms the gradient all-reduce for backward
         captured = model._post_forward(dict(captured))
+    elif is_sharded(model):
+        # The stop skipped the FSDP2 root's post-forward too: without it the root stays "in forward"
+        # (its next pre-forward skips the stream waits) and registers no pre-backward hook. The
+        # blocks that ran already finished their own post-forward (FSDP's hook runs before ours).
+        root = get_parts(model).model
+        captured = root._get_fsdp_state()._post_forward(root, (), dict(captured))
     return captured
 
 

@@ -1,7 +1,8 @@
 """The original model: LoRA adapters switched off, or stored copies of changed layers swapped in.
 
 - :class:`OriginalWeights` keeps copies of the original parameters of the parts that full
-  fine-tuning changes, and only those.
+  fine-tuning changes, and only those; under FSDP2 each changed layer's original is kept as a
+  module of its own instead (:meth:`OriginalWeights.keep_as_modules`), swapped into the layer list.
 - :func:`original_layers_after` / :func:`original_model` make (part of) the model compute as the
   original model: LoRA adapters switched off, or stored copies of fully fine-tuned layers swapped in.
   This is the "probe" of sequential unlearning: current layers ``0..L``, then the original layers
@@ -13,7 +14,8 @@ Like :mod:`unlearning.model.layers`, these run the model's own ``forward``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ class OriginalWeights:
     def __init__(self, model: nn.Module):
         self._parts = get_parts(model)
         self._store: dict[int | str, dict[str, torch.Tensor]] = {}
+        self._modules: dict[int, nn.Module] = {}  # layers kept whole (keep_as_modules)
 
     def snapshot(self, key: int | str, source: nn.Module | None = None,
                  names: Iterable[str] | None = None) -> None:
@@ -44,7 +47,7 @@ class OriginalWeights:
         """
         if isinstance(key, int):
             check_layers(len(self._parts.layers), [key], "snapshot")
-        if key in self._store:
+        if key in self:
             return
         target = self._parts.part(key)
         module = get_parts(source).part(key) if source is not None else target
@@ -58,20 +61,47 @@ class OriginalWeights:
             raise ValueError(f"snapshot({key!r}): source lacks parameters {sorted(wanted - set(copies))}")
         self._store[key] = copies
 
+    def keep_as_modules(self, prepare: Callable[[nn.Module], None]) -> None:
+        """Keep every stored layer's original as a module of its own: a frozen copy of the layer
+        with the stored parameters loaded, handed to ``prepare`` (FSDP2 shards it there), which
+        :func:`original_layers_after` / :func:`original_model` put in the layer list in place of
+        the current layer. FSDP2 needs this form: its pre-forward registers the all-gathered
+        current parameters again, over parameters swapped in. Call it while the layers are still
+        plain modules (before sharding the model); later snapshots of these layers are no-ops."""
+        for key in list(self._store):
+            if not isinstance(key, int):
+                raise UserError(f"original weights: only decoder layers can be kept as modules, not {key!r}")
+            layer = copy.deepcopy(self._parts.layers[key])
+            with torch.no_grad():
+                params = dict(layer.named_parameters())
+                for name, stored in self._store[key].items():
+                    params[name].copy_(stored)
+            layer.requires_grad_(False)
+            prepare(layer)
+            self._modules[key] = layer
+            del self._store[key]
+
+    def module(self, key: int | str) -> nn.Module | None:
+        """Layer ``key``'s original as a module (:meth:`keep_as_modules`), or None."""
+        return self._modules.get(key) if isinstance(key, int) else None
+
     def keys(self) -> list[int | str]:
-        return list(self._store)
+        return [*self._modules, *self._store]
 
     def __contains__(self, key: object) -> bool:
-        return key in self._store
+        return key in self._store or key in self._modules
 
     def __getitem__(self, key: int | str) -> dict[str, torch.Tensor]:
         return self._store[key]
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) + len(self._modules)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self._store.values() for t in d.values())
+        """Bytes held on this process (a sharded module's local shards)."""
+        tensors = [t for d in self._store.values() for t in d.values()]
+        tensors += [getattr(p, "_local_tensor", p) for m in self._modules.values() for p in m.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
         return f"OriginalWeights(parts={self.keys()}, {self.nbytes() / 2**20:.1f} MiB)"
@@ -112,8 +142,12 @@ def _as_original(model: nn.Module, keys: Sequence[int | str], originals: Origina
         raise UserError("original weights: LoRA adapters are merged into the weights; unmerge them "
                         "(model.unmerge_adapter()) before computing through the original layers")
     swaps = []  # (owning module, parameter name, current Parameter, stored original)
+    layer_swaps = []  # (layer index, current layer, original layer module)
     if originals is not None:
         for k in keys:
+            if originals.module(k) is not None:
+                layer_swaps.append((k, parts.layers[k], originals.module(k)))
+                continue
             if k not in originals:
                 continue
             part = parts.part(k)
@@ -123,7 +157,9 @@ def _as_original(model: nn.Module, keys: Sequence[int | str], originals: Origina
                 swaps.append((owner, pname, owner._parameters[pname], stored))
     # Under gradient checkpointing, backward re-runs a block's forward, possibly after this context
     # has ended; the changed blocks keep their activations instead, so backward sees what forward saw.
-    checkpointed = [m for m in modules if getattr(m, "gradient_checkpointing", False)]
+    computing = [m for m in modules if not any(m is current for _, current, _ in layer_swaps)]
+    computing += [original for _, _, original in layer_swaps]
+    checkpointed = [m for m in computing if getattr(m, "gradient_checkpointing", False)]
 
     was_disabled = [_is_disabled(m) for m in adapters]
     try:
@@ -131,6 +167,8 @@ def _as_original(model: nn.Module, keys: Sequence[int | str], originals: Origina
             _set_adapter_disabled(m, True)
         for owner, pname, _, stored in swaps:
             owner._parameters[pname] = stored  # a plain tensor without grad: forward uses it, nothing trains it
+        for k, _, original in layer_swaps:
+            parts.layers[k] = original  # the model's forward iterates the list: the original computes
         for m in checkpointed:
             m.gradient_checkpointing = False
         yield
@@ -139,6 +177,8 @@ def _as_original(model: nn.Module, keys: Sequence[int | str], originals: Origina
             m.gradient_checkpointing = True
         for owner, pname, current, _ in reversed(swaps):
             owner._parameters[pname] = current
+        for k, current, _ in layer_swaps:
+            parts.layers[k] = current
         for m, flag in zip(adapters, was_disabled):
             _set_adapter_disabled(m, flag)
 
@@ -155,7 +195,8 @@ def original_layers_after(model: nn.Module, layer: int,
     current parameters of the replaced parts receive none. ``layer=-1`` makes every decoder layer
     original. Call the model (the wrapper, so DDP still works) inside the block; under DDP use
     ``find_unused_parameters=True``, as the replaced parts take no part in this forward pass.
-    Under FSDP, only the LoRA form works (FSDP re-creates parameter views at every forward).
+    Under FSDP2 the LoRA form works as it is; full fine-tuning needs the originals kept as modules
+    (:meth:`OriginalWeights.keep_as_modules`): FSDP2 re-registers a layer's parameters at every forward.
     """
     depth = num_layers(model)
     if not -1 <= layer < depth:

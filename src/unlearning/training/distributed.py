@@ -1,5 +1,7 @@
 """Data parallelism for the one loop: PyTorch's ``DistributedDataParallel`` around a method's losses.
 
+(``train.parallel: fsdp`` shards the model with FSDP2 instead: :mod:`unlearning.training.fsdp`.)
+
 Under ``torchrun --nproc-per-node N`` every rank holds the whole model, draws its own slice of
 each global batch (:class:`unlearning.data.text.BatchStream`) and DDP averages the gradients in
 its buckets, overlapped with the backward pass. Three things make the sequential and the
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from unlearning.core.runtime import world_size
+from unlearning.model.layers import is_sharded
 from unlearning.training.contract import LossTerms, StepContext
 
 MicroBatchFn = Callable[[dict[str, dict[str, torch.Tensor]], StepContext], LossTerms]
@@ -72,7 +75,9 @@ class MicroBatchLosses:
     def __init__(self, model: nn.Module, fn: MicroBatchFn, *, sync_weights: bool = True):
         self.fn = fn
         self.ddp: nn.parallel.DistributedDataParallel | None = None
-        if world_size() > 1:
+        # A model sharded by FSDP2 (train.parallel: fsdp) reduces its own gradients, stage by stage
+        # as one process backpropagates them (training/fsdp.py); DDP is for replicated models.
+        if world_size() > 1 and not is_sharded(model):
             device = next(model.parameters()).device
             self.ddp = nn.parallel.DistributedDataParallel(
                 _MicroBatchLosses(model, fn), device_ids=[device.index] if device.type == "cuda" else None,

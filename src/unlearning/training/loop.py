@@ -11,7 +11,9 @@ per-step metrics, the progress bar, NaN checks with one device sync per step, an
 
 The loss function is a plain function of the model and a batch. Under torchrun each micro-batch's
 losses go through PyTorch's DistributedDataParallel, wrapped again for each phase's parameters
-(:mod:`unlearning.training.distributed`), so the same loop runs on one process or many.
+(:mod:`unlearning.training.distributed`), so the same loop runs on one process or many. Under
+``train.parallel: fsdp`` the model is sharded (:mod:`unlearning.training.fsdp`): the losses run as in
+one process, and the checkpoint gathers and loads full tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from unlearning.core.runtime import autocast, is_main_process, resolve_dtype
 from unlearning.training.checkpoint import (Checkpointer, Position, load_tensors, rng_state, set_rng_state,
                                             tensors_of)
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
+from unlearning.training import fsdp
 from unlearning.training.distributed import MicroBatchLosses, mean_over_ranks
 from unlearning.training.losses import check_finite
 from unlearning.training.optim import (OptimizerConfig, asymmetric_filter, build_optimizer, build_scheduler,
@@ -66,11 +69,29 @@ class TrainConfig:
     log_every: int = param(1, min=1, help="write metrics every N optimizer steps")
     checkpoint_every: int = param(0, min=0, help="also checkpoint every N optimizer steps (for --resume "
                                                  "mid-phase); 0 = only at the end of each phase")
+    parallel: Literal["ddp", "fsdp"] = param(
+        "ddp", help="under torchrun: ddp (every rank holds the model; DDP averages gradients) or fsdp "
+                    "(FSDP2: each decoder layer's parameters, gradients and optimizer state sharded over the "
+                    "ranks; the weights still load whole on each rank first)")
 
     def __post_init__(self) -> None:
         if self.dtype == "fp16" and self.grad_filter != "none":
             raise ConfigError("train.dtype: fp16 with train.grad_filter needs a loss scale per gradient "
                               "group, which is not supported; use bf16 or fp32")
+        if self.parallel == "fsdp":
+            # Each needs whole tensors or whole gradients on one rank, which FSDP2 never holds.
+            unsupported = [(self.grad_filter != "none", "train.grad_filter: the forget and retain gradients "
+                            "are taken apart with autograd.grad, which never reaches FSDP's sharded "
+                            "parameters; use grad_filter none or train.parallel ddp"),
+                           (self.l2sp_coef > 0, "train.l2sp_coef: L2-SP is not wired for sharded "
+                            "parameters; use l2sp_coef 0 or train.parallel ddp"),
+                           (self.optimizer.name == "muon", "train.optimizer.name: Muon orthogonalises whole "
+                            "matrices and FSDP shards them; use adamw or train.parallel ddp"),
+                           (self.dtype == "fp16", "train.dtype: fp16 under train.parallel fsdp needs a sharded "
+                            "loss scaler, which is not wired; use bf16, fp32 or train.parallel ddp")]
+            for bad, message in unsupported:
+                if bad:
+                    raise ConfigError(message)
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -218,6 +239,11 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
     """
     phases = method.phases()
     total_steps = sum(p.steps for p in phases)
+    # Under FSDP2 a parameter is a shard: the checkpoint gathers full tensors (every rank takes part)
+    # and a resume loads full tensors on every rank, which keeps its shard (training/fsdp.py).
+    sharded = fsdp.is_sharded(model)
+    weights_of = (lambda names: fsdp.full_state(model, names)) if sharded else (lambda names: tensors_of(model, names))
+    load_weights = (lambda t: fsdp.load_full_state(model, t)) if sharded else (lambda t: load_tensors(model, t))
     saved = checkpointer.load() if resume and checkpointer is not None and checkpointer.exists() else None
     pos = Position(**saved["position"]) if saved is not None else Position()
     state = TrainState(finished_phases=pos.phase, global_step=pos.global_step)
@@ -232,7 +258,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
         if pos.step == 0:  # a phase boundary: random state as it was before the next begin_phase
             _restore_random(saved, method)
         if pos.phase >= len(phases):
-            load_tensors(model, saved["trainable"])
+            load_weights(saved["trainable"])
         log.info("resuming at step %d of %d (phase %d, step %d of the phase)", pos.global_step, total_steps,
                  pos.phase, pos.step)
 
@@ -246,8 +272,9 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
 
     def checkpoint(position: Position, w0: list[torch.Tensor] | None, names: list[str]) -> None:
         checkpointer.save({
-            "position": Checkpointer.position_dict(position), "trainable": tensors_of(model, trained),
-            "optimizer": optimizer.state_dict(), "optimizer_params": list(optimizer_names),
+            "position": Checkpointer.position_dict(position), "trainable": weights_of(trained),
+            "optimizer": fsdp.optimizer_state(model, optimizer) if sharded else optimizer.state_dict(),
+            "optimizer_params": list(optimizer_names),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "streams": {k: s.state_dict() for k, s in streams.items()}, "rng": rng_state(),
             "method": method.state_dict(),
@@ -263,7 +290,7 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
             here = saved is not None and index == pos.phase  # the phase the checkpoint stands in
             first = pos.step if here else 0
             if here:
-                load_tensors(model, saved["trainable"])
+                load_weights(saved["trainable"])
             if optimizer is None or cfg.schedule_scope == "phase":
                 # Under one schedule for the run the optimizer holds the parameters of the phase it was
                 # built in; a resumed run rebuilds it over the same ones.
@@ -281,7 +308,10 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                                             cfg.optimizer)
             if here:
                 if first > 0 or cfg.schedule_scope == "run":
-                    optimizer.load_state_dict(saved["optimizer"])
+                    if sharded:
+                        fsdp.load_optimizer_state(model, optimizer, saved["optimizer"])
+                    else:
+                        optimizer.load_state_dict(saved["optimizer"])
                     scheduler.load_state_dict(saved["scheduler"])
                 if scaler is not None and saved["scaler"] is not None:
                     scaler.load_state_dict(saved["scaler"])
@@ -300,8 +330,8 @@ def train(model: nn.Module, method: Method, streams: dict[str, Any], cfg: TrainC
                 sums = _accumulate(losses, stages, streams, cfg, ctx, params, device, scaler)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                           else math.inf)
+                grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
                 # One device sync per step: the loss terms stay on the GPU until here, so the CPU keeps
                 # queueing kernels instead of waiting on every logged number (small models are launch-bound).
                 sums = _to_floats({**sums, "grad_norm": grad_norm})

@@ -1,0 +1,141 @@
+"""FSDP2 (``fully_shard``) for the one loop: ``train.parallel: fsdp`` under torchrun.
+
+Each decoder layer is a unit of its own and the decoder model (embedding, final norm,
+unembedding) is the root, so a rank holds 1/N of every parameter, gradient and optimizer state
+between forwards. What the rest of the project needs from a sharded model lives here:
+
+- **The probe.** LoRA needs nothing: the adapters are switched off inside the sharded layers.
+  Under full fine-tuning FSDP2's pre-forward registers the all-gathered *current* parameters
+  again, over any original swapped into ``_parameters``; so each changed layer's original is kept
+  as a frozen module of its own (:meth:`OriginalWeights.keep_as_modules`), sharded here like the
+  layers, and swapped into the layer list. Each such module is an FSDP root of its own
+  (initialised here, before the model's first forward, so the model's root never adopts one
+  that happens to sit in the layer list) and reshards after its forward like a layer.
+- **State.** Checkpoints and the saved model hold full tensors: ``get_model_state_dict`` /
+  ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True`` gather them on
+  rank 0 (collectives: every rank calls them); a resume loads the full tensors on every rank and
+  each keeps its shard (``set_*_state_dict``).
+- **Micro-batches.** Each stage's backward reduce-scatters its gradients at once (no ``no_sync``):
+  the sharded gradients accumulate over micro-batches and stages, the same sum one process makes,
+  at the cost of one reduce-scatter per backward.
+
+Evaluation of a sharded model runs every question on every rank (``evaluation/parallel.py``):
+each forward is a collective, so ranks scoring shards of different sizes would wait on each other
+for ever. The same forwards everywhere is the simplest correct rule; it costs N-fold compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from unlearning.model.layers import get_parts, is_sharded
+from unlearning.model.originals import OriginalWeights
+
+__all__ = ["full_state", "grad_norm_value", "is_sharded", "load_full_state", "load_optimizer_state",
+           "merged_lora_state", "optimizer_state", "shard_model"]
+
+log = logging.getLogger(__name__)
+
+
+def _options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def shard_model(model: nn.Module, originals: OriginalWeights | None, device: torch.device) -> None:
+    """Shard ``model`` in place: every decoder layer, then the decoder model as the root; the
+    originals of fully fine-tuned layers become sharded modules of their own first."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+
+    def shard_original(layer: nn.Module) -> None:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # a root by itself would keep it gathered
+        layer._get_fsdp_state()._lazy_init()  # its own root now: see the module docstring
+
+    kept = originals is not None and len(originals) > 0
+    if kept:
+        originals.keep_as_modules(shard_original)
+    parts = get_parts(model)
+    for layer in parts.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(parts.model, mesh=mesh)
+    parts.model._get_fsdp_state()._lazy_init()  # fix the tree now, before a swapped original is in it
+    log.info("FSDP2: %d decoder layers and the root sharded over %d ranks%s", len(parts.layers), mesh.size(),
+             f"; originals kept as sharded modules: {originals}" if kept else "")
+
+
+def full_state(model: nn.Module, names: set[str] | list[str]) -> dict[str, torch.Tensor]:
+    """The full tensors of parameters ``names``, on the CPU of rank 0 (empty elsewhere). Every rank calls it."""
+    state = _gathered(model)
+    return {n: state[n] for n in sorted(names) if n in state}
+
+
+def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load full tensors (every rank holds them, read from the checkpoint); each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    missing = sorted(set(tensors) - {n for n, _ in model.named_parameters()})
+    if missing:
+        raise RuntimeError(f"the checkpoint holds tensors this model lacks ({missing[0]}, ...): it was written "
+                           f"by another model or set-up; start a fresh run instead of resuming")
+    set_model_state_dict(model, tensors, options=_options(strict=False))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state with full tensors keyed by parameter name, on rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
+    """``clip_grad_norm_`` of DTensor gradients returns a DTensor; the loop logs a plain tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def merged_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(merged weights, adapter weights)`` of a sharded model (a peft model's LoRA adapters merged),
+    full tensors on rank 0's CPU (empty elsewhere); every rank calls it. The merge is peft's
+    ``merge_and_unload`` on the full tensors (``W + scaling * B @ A``), so the saved model is the one
+    the DDP path saves."""
+    from peft.tuners.lora import LoraLayer
+    inner = get_parts(model).model
+    state = _gathered(inner)
+    if not state:
+        return {}, {}
+    names = {id(m): n for n, m in inner.named_modules()}
+    adapter = {k: v for k, v in state.items() if "lora_" in k}
+    merged = {k: v for k, v in state.items() if "lora_" not in k}
+    for module in inner.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        prefix = names[id(module)]
+        for name in module.active_adapters:
+            a = state[f"{prefix}.lora_A.{name}.weight"].float()
+            b = state[f"{prefix}.lora_B.{name}.weight"].float()
+            delta = module.scaling[name] * (b @ a)
+            if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D keeps its weight transposed
+                delta = delta.T
+            w = merged[f"{prefix}.base_layer.weight"]
+            merged[f"{prefix}.base_layer.weight"] = (w.float() + delta).to(w.dtype)
+    # A tied weight (the unembedding sharing the embedding) is one parameter under two names; the
+    # gathered state holds it twice, and save_pretrained (given a state dict) would write both.
+    first = {n for n, _ in inner.named_parameters()}
+    tied = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - first
+    merged = {k.replace(".base_layer.", "."): v for k, v in merged.items() if k not in tied}
+    return merged, adapter
+
+
+def _gathered(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every full tensor of ``module``'s state dict on rank 0's CPU (an empty dict elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(module, options=_options(cpu_offload=True))

@@ -1,0 +1,147 @@
+"""``train.parallel: fsdp``: 2 CPU processes (gloo, FSDP2) at the same global batch give one process's loss curve.
+
+One spawn of two real processes runs the jobs on the tiny organism, as ``tests/test_distributed.py``
+does for DDP (its brief, helpers and tolerance): sequential LoRA (the probe is the adapters
+switched off inside sharded layers), RMU with LoRA (a representation method: forget, retain and
+no-grad reference passes, forwards stopped after the steered layer), and sequential and RMU full
+fine-tuning (each changed layer's original kept as a sharded module of its own and swapped into
+the layer list for the probe and the reference). The model is saved from full tensors gathered on rank 0, and the
+evaluation after training runs every question on every rank; both must match one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_distributed import BRIEF, MICRO_BATCHES, WORLD, _free_port, curve
+from unlearning.core.config import from_dict, merge
+from unlearning.core.errors import ConfigError
+from unlearning.runner import RunConfig, run
+
+FSDP = {"train": {"parallel": "fsdp"}, "save": {"model": True}}
+JOBS = {
+    "sequential_lora": {"method": "sequential", "sequential": {
+        "layers": "3->2:1", "steps_per_layer": 2, "finetune": "lora", "retain_losses": {"l2": 1.0},
+        "lora": {"r": 4, "dropout": 0.0}}},
+    "rmu_lora": {"method": "rmu", "rmu": {"layer": 2, "modules": ["mlp"], "finetune": "lora", "steps": 3,
+                                          "metrics_every": 1, "lora": {"r": 4, "dropout": 0.0, "init_b_std": 0.02}}},
+    "sequential_full": {"method": "sequential", "sequential": {
+        "layers": "3->1:1", "steps_per_layer": 2, "finetune": "full", "retain_losses": {"l2": 1.0}}},
+    # full fine-tuning of the MLPs of layers 0..2: originals of those parameters, kept as layer modules
+    "rmu_full": {"method": "rmu", "rmu": {"layer": 2, "modules": ["mlp"], "finetune": "full", "steps": 3,
+                                          "metrics_every": 1}},
+}
+
+
+RESUMED = "sequential_full"  # killed mid-phase and resumed, in the resume test
+
+
+def job_config(name: str, out: Path, grad_accum: int) -> RunConfig:
+    return from_dict(RunConfig, merge(merge(merge(BRIEF, FSDP), JOBS[name]), {
+        "name": name, "output_dir": str(out), "train": {"grad_accum": grad_accum, "checkpoint_every": 1}}))
+
+
+def run_jobs(out: Path, grad_accum: int) -> None:
+    for name in JOBS:
+        run(job_config(name, out, grad_accum))
+
+
+def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
+        os.environ["UNLEARNING_FAULT"] = "train_step:3"
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        if mode == "all":
+            run_jobs(Path(out), MICRO_BATCHES // WORLD)
+        else:
+            run(job_config(RESUMED, Path(out), MICRO_BATCHES // WORLD), resume=mode == "resume")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def both(tiny_organism, tmp_path_factory):
+    """(one process's output folder, two FSDP processes' output folder)."""
+    single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(double)), nprocs=WORLD)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_jobs(single, MICRO_BATCHES)
+    finally:
+        torch.set_num_threads(threads)
+    return single, double
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", list(JOBS))
+def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
+    import json
+    single, double = (curve(folder / job) for folder in both)
+    assert len(single) == len(double) > 0
+    terms = [k for k in single[0] if k.endswith(("_term", "_loss"))] + ["grad_norm"]
+    for a, b in zip(single, double):
+        assert (a["step"], a["phase"]) == (b["step"], b["phase"])
+        for k in terms:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (job, a["step"], k)
+    after = [json.loads((folder / job / "results.json").read_text()) for folder in both]
+    assert after[1]["status"] == "complete"
+    assert after[1]["after"]["organism_hazard_cloze"]["acc"] == after[0]["after"]["organism_hazard_cloze"]["acc"]
+    # the saved model: full tensors gathered on rank 0 (LoRA merged) equal one process's merged weights.
+    # Under full fine-tuning some gradients are float noise (a key bias moves no softmax: its exact
+    # gradient is 0) and Adam moves such an element by ~lr per step whatever the noise's size; those
+    # few (0.1-0.2% of the weights, measured) may differ by up to lr per step, the rest may not.
+    from safetensors.torch import load_file
+    saved = [load_file(str(folder / job / "model" / "model.safetensors")) for folder in both]
+    assert saved[0].keys() == saved[1].keys(), (sorted(set(saved[0]) - set(saved[1])),
+                                                sorted(set(saved[1]) - set(saved[0])))
+    noisy = 2 * BRIEF["train"]["optimizer"]["lr"] if job.endswith("full") else 1e-5  # LoRA: 1e-6 measured
+    off = 0
+    for k, t in saved[0].items():
+        torch.testing.assert_close(saved[1][k], t, rtol=1e-4, atol=noisy, msg=lambda m, k=k: f"{k}: {m}")
+        off += int((~torch.isclose(saved[1][k], t, rtol=1e-4, atol=1e-6)).sum())
+    assert off <= 5e-3 * sum(t.numel() for t in saved[0].values()), off
+    if job.endswith("lora"):  # the adapter, saved by peft from the gathered tensors
+        adapters = [load_file(str(folder / job / "adapter" / "adapter_model.safetensors")) for folder in both]
+        assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+        for k, t in adapters[0].items():
+            torch.testing.assert_close(adapters[1][k], t, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_mid_phase_resumes_to_the_uninterrupted_run(both, tmp_path):
+    """Full-tensor checkpoints: weights and optimizer gathered on rank 0, loaded back into shards."""
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):
+        torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "killed"), nprocs=WORLD)
+    killed = curve(tmp_path / RESUMED)
+    assert [r["step"] for r in killed][:3] == [1, 2, 3] and len(killed) < len(curve(both[1] / RESUMED))
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "resume"), nprocs=WORLD)
+    resumed, uninterrupted = curve(tmp_path / RESUMED), curve(both[1] / RESUMED)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for a, b in zip(uninterrupted, resumed):
+        for k in [k for k in a if k.endswith(("_term", "_loss"))] + ["grad_norm"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+@pytest.mark.parametrize("train, key", [({"grad_filter": "asymmetric"}, "train.grad_filter"),
+                                        ({"l2sp_coef": 0.1}, "train.l2sp_coef"),
+                                        ({"optimizer": {"name": "muon"}}, "train.optimizer.name"),
+                                        ({"dtype": "fp16"}, "train.dtype")])
+def test_fsdp_refuses_what_it_cannot_shard_when_the_config_is_read(train, key):
+    with pytest.raises(ConfigError, match=f"^{key}: .*train.parallel ddp"):
+        from_dict(RunConfig, merge(BRIEF, {"train": {"parallel": "fsdp", **train}}))
+
+
+def test_fsdp_refuses_methods_it_does_not_shard_before_weights_load(tiny_organism, tmp_path):
+    from unlearning.preflight import preflight
+    cfg = from_dict(RunConfig, merge(BRIEF, {"method": "undo", "model": "organism:tiny", "output_dir": str(tmp_path),
+                                             "train": {"parallel": "fsdp"}}))
+    with pytest.raises(ConfigError, match="^train.parallel: fsdp is wired for sequential.*use train.parallel ddp"):
+        preflight(cfg)

@@ -94,7 +94,9 @@ def unlearn(*args: str, cwd: Path, fault: str | None = None) -> subprocess.Compl
 
 
 def test_a_killed_tune_resumes_in_two_workers_and_reruns_the_killed_trial_from_its_checkpoint(config, tmp_path):
-    args = ["tune", str(config), "--over", ",".join(OVER[:2]), "--trials", "3", "--heartbeat", "1",
+    # heartbeat 2 s (grace 4 s): at 1 s a live trial on a loaded 2-core machine could miss its beats,
+    # be failed as killed by the other worker and then fail to report its own result
+    args = ["tune", str(config), "--over", ",".join(OVER[:2]), "--trials", "3", "--heartbeat", "2",
             "--train.checkpoint_every", "1"]
     # two steps a trial: the third step is trial 1's first; SIGKILL after its checkpoint
     killed = unlearn(*args, cwd=tmp_path, fault="train_step:3")

@@ -12,13 +12,12 @@ data-parallel (a shard per rank) and must equal one process's too.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from gloo import free_port, join_gloo
 from unlearning.core.config import from_dict, merge
 from unlearning.runner import RunConfig, run
 
@@ -58,27 +57,19 @@ def run_jobs(out: Path, grad_accum: int) -> None:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, WORLD, port)
     try:
         run_jobs(Path(out), MICRO_BATCHES // WORLD)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def both(tiny_organism, tmp_path_factory):
     """(one process's output folder, two processes' output folder)."""
     single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(double)), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(double)), nprocs=WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

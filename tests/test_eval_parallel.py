@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from gloo import free_port, join_gloo
 from eval_setup import make_model, make_tokenizer
 
 from unlearning.evaluation import evaluate
@@ -35,16 +34,9 @@ def test_without_a_process_group_it_is_a_plain_call():
     assert data_parallel_map(lambda xs: [x * 2 for x in xs], [1, 2, 3]) == [2, 4, 6]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         evaluate_module = importlib.import_module("unlearning.evaluation.evaluate")
         from unlearning.model.loading import load_model
@@ -75,7 +67,7 @@ def test_two_processes_equal_one(tmp_path):
                       log_samples=True)
 
     out = tmp_path / "results.json"
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path / "model"), str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(tmp_path / "model"), str(out)), nprocs=2)
     run = Path(f"{out}.run")
     assert_same(json.loads((run / "results.json").read_text()),
                 {k: {m: v for m, v in r.items() if m != "samples"} for k, r in single.items()})

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_distributed import BRIEF, MICRO_BATCHES, WORLD, _free_port, curve
+from test_distributed import BRIEF, MICRO_BATCHES, WORLD, curve
+from gloo import free_port, join_gloo
 from unlearning.core.config import from_dict, merge
 from unlearning.core.errors import ConfigError
 from unlearning.runner import RunConfig, run
@@ -51,12 +52,9 @@ def run_jobs(out: Path, grad_accum: int) -> None:
 
 def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
     import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
     if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
         os.environ["UNLEARNING_FAULT"] = "train_step:3"
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, WORLD, port)
     try:
         if mode == "all":
             run_jobs(Path(out), MICRO_BATCHES // WORLD)
@@ -70,7 +68,7 @@ def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
 def both(tiny_organism, tmp_path_factory):
     """(one process's output folder, two FSDP processes' output folder)."""
     single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(double)), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(double)), nprocs=WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -119,10 +117,10 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
 def test_fsdp_run_killed_mid_phase_resumes_to_the_uninterrupted_run(both, tmp_path):
     """Full-tensor checkpoints: weights and optimizer gathered on rank 0, loaded back into shards."""
     with pytest.raises(torch.multiprocessing.ProcessExitedException):
-        torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "killed"), nprocs=WORLD)
+        torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path), "killed"), nprocs=WORLD)
     killed = curve(tmp_path / RESUMED)
     assert [r["step"] for r in killed][:3] == [1, 2, 3] and len(killed) < len(curve(both[1] / RESUMED))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path), "resume"), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path), "resume"), nprocs=WORLD)
     resumed, uninterrupted = curve(tmp_path / RESUMED), curve(both[1] / RESUMED)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
     for a, b in zip(uninterrupted, resumed):

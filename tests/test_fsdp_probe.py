@@ -16,13 +16,11 @@ answered here with real sharded models:
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
-import pytest
 import torch
 
+from gloo import free_port, join_gloo
 from tiny_models import tiny_batch, tiny_model
 from unlearning.model.layers import get_parts
 from unlearning.model.originals import OriginalWeights, original_layers_after
@@ -53,9 +51,7 @@ def _lora_step(model, ids, mask):
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo(rank, 2, port)
     try:
         ids, mask = tiny_batch(batch=2, seq=7)
         record = {}
@@ -109,15 +105,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_fsdp2_probe_lora_works_and_full_finetuning_needs_original_modules(tmp_path):
     out = tmp_path / "fsdp"
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(out)), nprocs=2)
     for rank in range(2):
         record = json.loads(Path(f"{out}.rank{rank}").read_text())
         assert record["lora_probe_differs_from_current"]  # the adapters matter, so the check means something

@@ -319,14 +319,12 @@ def test_check_layers_names_field_and_depth():
 
 
 def _ddp_worker(rank, port, out_dir):
-    import datetime
     import gc
-    import os
 
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+
+    from gloo import join_gloo
+    join_gloo(rank, 2, port)
     try:
         model = tiny_model("llama").train()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -352,11 +350,8 @@ def test_forward_until_under_ddp_all_reduces_gradients(tmp_path):
     Both ranks are spawned children (spawn, not fork: forking a process that has run torch can
     deadlock); torch.multiprocessing.spawn ends the other rank and raises if either fails, so a
     crashed rank can never leave this process waiting in a collective."""
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, tmp_path), nprocs=2, join=True)
+
+    from gloo import free_port
+    mp.spawn(_ddp_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[True, True]"] * 2

@@ -3,13 +3,12 @@ data parallelism (two gloo processes) give the same weights as one uninterrupted
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 from torch import nn
 
+from gloo import free_port, join_gloo
 from unlearning.data.text import BatchStream, TokenizedData
 from unlearning.core.errors import NonFiniteLossError
 from unlearning.core.io import read_jsonl
@@ -140,16 +139,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
         torch.testing.assert_close(snapshot(resumed)[n], p, rtol=0, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         model = ToyModel()
         train(model, ToyMethod(steps=2), streams(batch_size=2), TrainConfig(**CFG), device=torch.device("cpu"))
@@ -163,7 +155,7 @@ def test_two_process_data_parallel_equals_one_process_with_the_global_batch(tmp_
     single = ToyModel()
     train(single, ToyMethod(steps=2), streams(batch_size=4), TrainConfig(**CFG), device=torch.device("cpu"))
     out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     parallel = torch.load(out)
     for n, p in snapshot(single).items():
         torch.testing.assert_close(parallel[n], p, rtol=1e-5, atol=1e-6)

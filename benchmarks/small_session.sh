@@ -11,6 +11,7 @@
 #         first run is done.
 # Usage: bash benchmarks/small_session.sh OUT_DIR [BUDGET_S]. Needs .bench/whl/ (optuna and its dependencies).
 # CPU smoke test of the whole script on tiny: SMOKE=1 bash benchmarks/small_session.sh /tmp/smoke 1200
+# ONLY=tune: the build and the boundary search alone, all the GPU's share to it (JOBS trials at once, default 6).
 # State lives in .gpu/ (ignored, not carried, so a warm machine keeps it between calls); the summaries
 # are copied to OUT_DIR at the end of every call.
 set -uo pipefail
@@ -49,9 +50,10 @@ fi
 
 # 2a. the boundary search (stops starting trials 100 s before the budget; a rerun resumes the study)
 stamp "tune (background)"
-( timeout $(( $(left) - 20 )) python3 benchmarks/tune_small.py --out "$g/runs/tune_small" --jobs 6 \
-    --deadline $(( $(left) - 100 )) --copy-to "$g/docs" "${tune_args[@]}" > "$g/log/tune.log" 2>&1 ) &
+( timeout $(( $(left) - 20 )) python3 benchmarks/tune_small.py --out "$g/runs/tune_small" --jobs ${JOBS:-6} \
+    --deadline $(( $(left) - ${MARGIN:-100} )) --copy-to "$g/docs" "${tune_args[@]}" > "$g/log/tune.log" 2>&1 ) &
 
+if [[ ${ONLY:-} == tune ]]; then wait; fi
 # 2b. main job -> UNDO -> attack table
 chain() {
   complete "$g/runs/main" || unl run configs/organism_$p.yaml --name main --output_dir "$g/runs" $( [[ -d $g/runs/main ]] && echo --resume ) \
@@ -60,13 +62,12 @@ chain() {
     $( [[ -d $g/runs/undo ]] && echo --resume ) || return 1
   python3 benchmarks/attack_table_small.py "$g/runs/main" "$g/runs/undo" --docs "$g/docs" "${attack_args[@]}"
 }
-stamp "chain (background)"
+[[ ${ONLY:-} == tune ]] || { stamp "chain (background)"
 ( timeout $(( $(left) - 20 )) bash -c "$(declare -f unl complete chain); g=$g p=$p undo=$undo; attack_args=(${attack_args[*]}); chain" \
-    > "$g/log/chain.log" 2>&1 ) &
-chain_pid=$!
+    > "$g/log/chain.log" 2>&1 ) & }
 
 # 2c. the letter-format organism, once the main job no longer needs the GPU to itself
-if [[ ! -f $g/log/build_$p-letter.json ]]; then
+if [[ ! -f $g/log/build_$p-letter.json && ${ONLY:-} != tune ]]; then
   ( while ! complete "$g/runs/main" && (( $(left) > letter_s )); do sleep 10; done
     if (( $(left) > letter_s )); then  # a letter build that cannot finish in this call waits for the next
       timeout $(( $(left) - 20 )) python3 benchmarks/organism_build.py --preset $p-letter \

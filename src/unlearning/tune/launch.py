@@ -24,10 +24,15 @@ def worker_context() -> Any:
 
 
 def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float = 1.0,
-           deadline: float | None = None) -> tuple[int, list[str]]:
+           deadline: float | None = None, waiting: Any = None) -> tuple[int, list[str]]:
     """``run_trials(*call)`` for each call, at most ``jobs`` at once, on a ``concurrent.futures`` or
     submitit executor (both have ``submit``, ``done`` and ``result``); none starts after ``deadline``
-    (``time.monotonic()``). Returns the calls not started and the lost jobs' errors."""
+    (``time.monotonic()``). Returns the calls not started and the lost jobs' errors.
+
+    ``waiting()``: how many enqueued trials (retries of killed ones) wait in the storage. Two workers
+    that ask at the same moment can both claim the same waiting trial (Optuna's claim is not atomic
+    on SQLite) and run it into one folder at once; so while trials wait, the next job is submitted
+    only once the previous one has claimed its trial."""
     pending, running, lost = list(calls), [], []
     while pending or running:
         if pending and deadline is not None and time.monotonic() > deadline:
@@ -35,7 +40,10 @@ def launch(executor: Any, calls: list[tuple[Any, ...]], jobs: int, poll: float =
             pending = []
         while pending and len(running) < jobs:
             try:
+                before = waiting() if waiting is not None else 0
                 running.append(executor.submit(run_trials, *pending.pop(0)))
+                while before and waiting() >= before and not running[-1].done():
+                    time.sleep(0.1)  # the job has not claimed its waiting trial yet
             except Exception as e:  # a broken process pool takes no more work: the next round has a new one
                 lost += [one_line(e)] * (len(pending) + 1)
                 log.error("trial jobs could not be submitted: %s", one_line(e))

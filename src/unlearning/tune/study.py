@@ -260,7 +260,8 @@ def tune(settings: TuneSettings, overrides: dict[str, Any]) -> TuneOutcome:
         calls = [(ref, 1, offset + i) for i in range(missing)]
         if settings.executor == "local":
             with concurrent.futures.ProcessPoolExecutor(settings.jobs, mp_context=worker_context()) as pool:
-                unstarted, lost = launch(pool, calls, settings.jobs, poll=0.2, deadline=deadline)
+                unstarted, lost = launch(pool, calls, settings.jobs, poll=0.2, deadline=deadline,
+                                         waiting=lambda: waiting_trials(study))
         else:
             folder = Path(settings.slurm.folder) if settings.slurm.folder else ref.folder / "submitit"
             unstarted, lost = launch(executor(folder, settings.slurm, name=safe_name(ref.study)),
@@ -271,6 +272,11 @@ def tune(settings: TuneSettings, overrides: dict[str, Any]) -> TuneOutcome:
             break
     outcome.report = write_report(study, ref)
     return outcome
+
+
+def waiting_trials(study: Any) -> int:
+    """Trials enqueued and not yet claimed by a worker (the retries of killed trials, seeded values)."""
+    return sum(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False))
 
 
 def storage_note(ref: StudyRef) -> str:

@@ -25,3 +25,17 @@ def join_gloo(rank: int, world: int, port: int) -> None:
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+def one_and_two_processes(worker, run_single, tmp_path_factory, world: int) -> tuple:
+    """Run the same jobs as ``world`` spawned ranks (``worker(rank, port, folder)``) and as one process
+    (``run_single(folder)``, on one thread like each rank); returns (one process's folder, the ranks')."""
+    single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    torch.multiprocessing.spawn(worker, args=(free_port(), str(double)), nprocs=world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_single(single)
+    finally:
+        torch.set_num_threads(threads)
+    return single, double

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloo import free_port, join_gloo
+from gloo import join_gloo, one_and_two_processes
 from unlearning.core.config import from_dict, merge
 from unlearning.runner import RunConfig, run
 
@@ -68,15 +68,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def both(tiny_organism, tmp_path_factory):
     """(one process's output folder, two processes' output folder)."""
-    single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    torch.multiprocessing.spawn(_worker, args=(free_port(), str(double)), nprocs=WORLD)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_jobs(single, MICRO_BATCHES)
-    finally:
-        torch.set_num_threads(threads)
-    return single, double
+    return one_and_two_processes(_worker, lambda folder: run_jobs(folder, MICRO_BATCHES), tmp_path_factory, WORLD)
 
 
 def curve(folder: Path) -> list[dict]:

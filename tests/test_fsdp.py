@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from test_distributed import BRIEF, MICRO_BATCHES, WORLD, curve
-from gloo import free_port, join_gloo
+from gloo import free_port, join_gloo, one_and_two_processes
 from unlearning.core.config import from_dict, merge
 from unlearning.core.errors import ConfigError
 from unlearning.runner import RunConfig, run
@@ -67,15 +67,7 @@ def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
 @pytest.fixture(scope="module")
 def both(tiny_organism, tmp_path_factory):
     """(one process's output folder, two FSDP processes' output folder)."""
-    single, double = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    torch.multiprocessing.spawn(_worker, args=(free_port(), str(double)), nprocs=WORLD)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_jobs(single, MICRO_BATCHES)
-    finally:
-        torch.set_num_threads(threads)
-    return single, double
+    return one_and_two_processes(_worker, lambda folder: run_jobs(folder, MICRO_BATCHES), tmp_path_factory, WORLD)
 
 
 @pytest.mark.slow

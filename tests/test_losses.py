@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unlearning.training import hidden_losses as H
 from unlearning.training import losses as L
 from unlearning.core.errors import NonFiniteLossError, UserError
 
@@ -174,15 +175,15 @@ def test_hidden_l2_by_hand():
     cur = {3: torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]), 7: torch.tensor([[[0.0, 2.0], [0.0, 0.0]]])}
     orig = {3: torch.zeros(1, 2, 2), 7: torch.zeros(1, 2, 2), 9: torch.ones(1, 2, 2)}
     # layer 3 norms [5, 1], layer 7 norms [2, 0]
-    assert L.hidden_l2(cur, orig, torch.ones(1, 2)).item() == approx((3.0 + 1.0) / 2)
-    assert L.hidden_l2(cur, orig, torch.tensor([[1, 0]])).item() == approx((5.0 + 2.0) / 2)
+    assert H.hidden_l2(cur, orig, torch.ones(1, 2)).item() == approx((3.0 + 1.0) / 2)
+    assert H.hidden_l2(cur, orig, torch.tensor([[1, 0]])).item() == approx((5.0 + 2.0) / 2)
     with pytest.raises(ValueError, match="not in the reference"):
-        L.hidden_l2({4: cur[3]}, orig, torch.ones(1, 2))
+        H.hidden_l2({4: cur[3]}, orig, torch.ones(1, 2))
 
 
 def test_hidden_l2_gradient_is_finite_at_zero_difference():
     h = torch.randn(2, 3, 4, requires_grad=True)
-    out = L.hidden_l2({0: h}, {0: h.detach().clone()}, torch.ones(2, 3))
+    out = H.hidden_l2({0: h}, {0: h.detach().clone()}, torch.ones(2, 3))
     out.backward()
     assert out.item() == 0.0 and torch.isfinite(h.grad).all()
 
@@ -204,36 +205,36 @@ def test_mse_to_teacher_by_hand():
     cur = {5: torch.tensor([[[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]]), 10: torch.ones(1, 2, 3)}
     teacher = {5: torch.zeros(1, 2, 3), 10: torch.ones(1, 2, 3)}
     # layer 5: token means of squares 14/3 and 1, layer 10: 0
-    assert L.mse_to_teacher(cur, teacher, torch.ones(1, 2)).item() == approx(((14 / 3 + 1) / 2 + 0) / 2)
-    assert L.mse_to_teacher(cur, teacher, torch.tensor([[1, 0]])).item() == approx((14 / 3) / 2)
+    assert H.mse_to_teacher(cur, teacher, torch.ones(1, 2)).item() == approx(((14 / 3 + 1) / 2 + 0) / 2)
+    assert H.mse_to_teacher(cur, teacher, torch.tensor([[1, 0]])).item() == approx((14 / 3) / 2)
 
 
 def test_relu_cosine_by_hand():
     orig = {1: torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])}
     cur = {1: torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]]])}
     # cosines 1, 0, -1 (ReLU -> 0), 1/sqrt 2
-    assert L.relu_cosine(cur, orig, torch.ones(1, 4)).item() == approx((1 + 0 + 0 + 2 ** -0.5) / 4)
-    assert L.relu_cosine(cur, orig, torch.tensor([[1, 0, 0, 0]])).item() == approx(1.0)
+    assert H.relu_cosine(cur, orig, torch.ones(1, 4)).item() == approx((1 + 0 + 0 + 2 ** -0.5) / 4)
+    assert H.relu_cosine(cur, orig, torch.tensor([[1, 0, 0, 0]])).item() == approx(1.0)
 
 
 def test_orthogonality_by_hand():
     one = torch.ones(2, 1)
-    assert L.orthogonality(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), one).item() == approx(0.0)
-    assert L.orthogonality(torch.tensor([[[1.0, 2.0]], [[2.0, 4.0]]]), one).item() == approx(1.0)
-    assert L.orthogonality(torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]]), one).item() == approx(0.0)
+    assert H.orthogonality(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), one).item() == approx(0.0)
+    assert H.orthogonality(torch.tensor([[[1.0, 2.0]], [[2.0, 4.0]]]), one).item() == approx(1.0)
+    assert H.orthogonality(torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]]), one).item() == approx(0.0)
     # mean pooling over valid tokens: item 0 pools to [0.5, 0.5]; its masked token is ignored
     acts = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 100.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
-    assert L.orthogonality(acts, mask).item() == approx(2 ** -0.5)
+    assert H.orthogonality(acts, mask).item() == approx(2 ** -0.5)
     # per-layer dict: mean over layers
     layers = {0: acts, 1: torch.tensor([[[1.0, 0.0]] * 3, [[0.0, 1.0]] * 3])}
-    assert L.orthogonality(layers, mask).item() == approx(2 ** -0.5 / 2)
+    assert H.orthogonality(layers, mask).item() == approx(2 ** -0.5 / 2)
 
 
 def test_orthogonality_leaves_out_empty_items():
     acts = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]])
-    assert L.orthogonality(acts, torch.tensor([[1], [1], [0]])).item() == approx(1.0)
-    single = L.orthogonality(acts.requires_grad_(), torch.tensor([[1], [0], [0]]))
+    assert H.orthogonality(acts, torch.tensor([[1], [1], [0]])).item() == approx(1.0)
+    single = H.orthogonality(acts.requires_grad_(), torch.tensor([[1], [0], [0]]))
     single.backward()
     assert single.item() == 0.0 and torch.isfinite(acts.grad).all()
 
@@ -242,15 +243,15 @@ def test_rmu_by_hand():
     acts = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])
     control = torch.tensor([1.0, 0.0])
     # ((1 - 1)^2 + 2^2) / 2 = 2 on the one valid token
-    assert L.rmu_forget(acts, control, torch.tensor([[1, 0]])).item() == approx(2.0)
+    assert H.rmu_forget(acts, control, torch.tensor([[1, 0]])).item() == approx(2.0)
     orig = torch.tensor([[[0.0, 0.0], [5.0, 3.0]]])
-    assert L.rmu_retain(acts, orig, torch.ones(1, 2)).item() == approx(((1 + 4) / 2 + 4 / 2) / 2)
-    assert L.rmu_retain(acts, orig, torch.ones(1, 2)).item() == approx(F.mse_loss(acts, orig).item())
+    assert H.rmu_retain(acts, orig, torch.ones(1, 2)).item() == approx(((1 + 4) / 2 + 4 / 2) / 2)
+    assert H.rmu_retain(acts, orig, torch.ones(1, 2)).item() == approx(F.mse_loss(acts, orig).item())
 
 
 def test_rmu_control_vector():
-    v = L.rmu_control_vector(16, 6.5, torch.Generator().manual_seed(0))
-    w = L.rmu_control_vector(16, 6.5, torch.Generator().manual_seed(0))
+    v = H.rmu_control_vector(16, 6.5, torch.Generator().manual_seed(0))
+    w = H.rmu_control_vector(16, 6.5, torch.Generator().manual_seed(0))
     assert v.shape == (16,) and torch.equal(v, w)
     assert v.norm().item() == approx(6.5) and bool((v >= 0).all())
 
@@ -319,11 +320,11 @@ def _token_losses():
         ("nll", lambda x, m: L.nll(x, targets_of(x), m)),
         ("npo_per_token", lambda x, m: L.npo_per_token(x[..., 0], x[..., 1], m, 2.0)),
         ("npo_per_sequence", lambda x, m: L.npo_per_sequence(x[..., 0], x[..., 1], m, 2.0)),
-        ("hidden_l2", lambda x, m: L.hidden_l2({1: x}, {1: ref_of(x)}, m)),
-        ("mse_to_teacher", lambda x, m: L.mse_to_teacher({1: x}, {1: ref_of(x)}, m)),
-        ("relu_cosine", lambda x, m: L.relu_cosine({1: x}, {1: ref_of(x)}, m)),
-        ("rmu_forget", lambda x, m: L.rmu_forget(x, torch.ones(x.shape[-1]), m)),
-        ("rmu_retain", lambda x, m: L.rmu_retain(x, ref_of(x), m)),
+        ("hidden_l2", lambda x, m: H.hidden_l2({1: x}, {1: ref_of(x)}, m)),
+        ("mse_to_teacher", lambda x, m: H.mse_to_teacher({1: x}, {1: ref_of(x)}, m)),
+        ("relu_cosine", lambda x, m: H.relu_cosine({1: x}, {1: ref_of(x)}, m)),
+        ("rmu_forget", lambda x, m: H.rmu_forget(x, torch.ones(x.shape[-1]), m)),
+        ("rmu_retain", lambda x, m: H.rmu_retain(x, ref_of(x), m)),
     ]
 
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts
@@ -123,7 +123,7 @@ class CheckpointTransfer(RepresentationMethod):
                       want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         target, teacher_logits = self.teacher_hidden(batch, logits=want_acc)
         hidden, logits = forward_hidden(model, batch, self.layers, logits=want_acc)
-        loss = losses.mse_to_teacher(hidden, target, mask)
+        loss = hidden_losses.mse_to_teacher(hidden, target, mask)
         logs = {}
         if want_acc:
             logs["forget_acc"] = losses.argmax_agreement(logits, teacher_logits, mask)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.core.config import param
 from unlearning.model.layers import get_parts
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
@@ -56,10 +56,10 @@ class CircuitBreaker(RepresentationMethod):
         with self.as_original(model):
             original, original_logits = forward_hidden(model, batch, self.layers, logits=want_acc)
         hidden, logits = forward_hidden(model, batch, self.layers, logits=want_acc)
-        loss = losses.relu_cosine(hidden, original, mask)
+        loss = hidden_losses.relu_cosine(hidden, original, mask)
         extra, logs = {}, {}
         if self.orth_coef > 0:
-            orth = losses.orthogonality(hidden, mask)
+            orth = hidden_losses.orthogonality(hidden, mask)
             extra["orth"] = self.orth_coef * orth
             logs["orth_loss"] = orth.detach()
         if want_acc:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
 from unlearning.model.layers import capture_hidden, forward_until, parse_layer_spec
@@ -308,9 +308,9 @@ class RepresentationMethod(Method):
                 original_h, original_logits = forward_hidden(model, batch, layers, logits=need_logits)
         hidden, logits = forward_hidden(model, batch, layers, logits=need_logits)
         if kind == "l2":
-            loss = losses.hidden_l2(hidden, original_h, mask)
+            loss = hidden_losses.hidden_l2(hidden, original_h, mask)
         elif kind == "mse":
-            loss = losses.mse_to_teacher(hidden, original_h, mask)
+            loss = hidden_losses.mse_to_teacher(hidden, original_h, mask)
         elif kind == "kl":
             loss = losses.kl_retain(logits, original_logits, mask)
         else:

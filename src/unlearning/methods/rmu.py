@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.core.config import param
 from unlearning.model.layers import forward_until, get_parts, parse_layer_spec
 from unlearning.methods.representation import (RepresentationMethod, TrainingShape, forward_hidden,
@@ -69,7 +69,7 @@ class RMU(RepresentationMethod):
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
                       want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         hidden, logits = forward_hidden(model, batch, [self.layer], logits=want_acc)
-        loss = losses.rmu_forget(hidden[self.layer], self.control, mask)
+        loss = hidden_losses.rmu_forget(hidden[self.layer], self.control, mask)
         logs = {}
         if want_acc:
             with self.as_original(model):
@@ -102,7 +102,7 @@ def build(model: nn.Module, ctx: BuildContext, cfg: Config) -> tuple[nn.Module, 
     update = parse_layer_spec(update, depth, field="rmu.update_layers")
     hidden_size = get_parts(model).model.config.hidden_size
     g = torch.Generator().manual_seed(ctx.seed)
-    control = losses.rmu_control_vector(hidden_size, 1.0, generator=g)
+    control = hidden_losses.rmu_control_vector(hidden_size, 1.0, generator=g)
     scale = cfg.steering_coef
     if cfg.steering_relative:
         norm = mean_activation_norm(model, data["forget"], layer, 16, device)

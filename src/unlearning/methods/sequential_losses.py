@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.model.originals import OriginalWeights, original_layers_after, original_model
 from unlearning.model.layers import forward_until, get_parts, start_at
 from unlearning.methods.representation import forward_hidden
@@ -124,7 +124,7 @@ def retain_losses(model: nn.Module, batch: dict[str, Tensor], weights: dict[str,
             hidden0, logits0 = forward_hidden(model, batch, later, logits="kl" in weights)
         if "l2" in weights:
             both = {i: shared[i] for i in layers if i < k}  # equal in the two passes: a difference of 0
-            out["l2"] = losses.hidden_l2({**both, **hidden}, {**both, **hidden0}, mask)
+            out["l2"] = hidden_losses.hidden_l2({**both, **hidden}, {**both, **hidden0}, mask)
         if "kl" in weights:
             out["kl"] = losses.kl_retain(logits, logits0, mask)
     if "nll" in weights:

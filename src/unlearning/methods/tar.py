@@ -15,7 +15,7 @@ Each outer step (each micro-batch):
    the forward pass uses ``theta + stop_grad(theta_K - theta)``, so its value is the post-attack
    model's and the gradient that reaches ``theta`` is dL/d theta_K;
 4. the retain loss is the representation MSE of the current model's hidden states to the
-   original model's (:func:`unlearning.training.losses.mse_to_teacher` at ``retain_layers``, the
+   original model's (:func:`unlearning.training.hidden_losses.mse_to_teacher` at ``retain_layers``, the
    original through :mod:`unlearning.model.originals`), optionally plus next-token loss.
 
 The loop (:mod:`unlearning.training.loop`) does the outer optimisation; the adversary's generator
@@ -42,7 +42,7 @@ from unlearning.methods.sequential_losses import forget_loss
 from unlearning.model.layers import get_parts, parse_layer_spec
 from unlearning.model.originals import OriginalWeights, original_model
 from unlearning.organism import organism_preset
-from unlearning.training import losses
+from unlearning.training import hidden_losses, losses
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class TAR(Method):
         hidden, logits = forward_hidden(model, batch, self.retain_layers, logits=need_logits)
         with torch.no_grad(), original_model(model, self.originals):
             hidden0, _ = forward_hidden(model, batch, self.retain_layers, logits=False)
-        mse = losses.mse_to_teacher(hidden, hidden0, mask)
+        mse = hidden_losses.mse_to_teacher(hidden, hidden0, mask)
         terms = {"retain_mse": self.cfg.retain_coef * mse}
         if need_logits:
             terms["retain_nll"] = self.cfg.retain_nll_coef * losses.nll(logits, batch["input_ids"], mask)

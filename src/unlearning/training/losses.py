@@ -1,4 +1,6 @@
-"""Every forget, retain and representation loss, as pure functions on tensors.
+"""Every loss on logits and tokens (forget, retain, distillation), the regularisers and the
+finite-value check, as pure functions on tensors; the losses on hidden states (the representation
+methods' terms, ``hidden_l2``) are :mod:`unlearning.training.hidden_losses`, with the same conventions.
 
 Conventions shared by every function here:
 
@@ -38,15 +40,13 @@ from unlearning.core.errors import NonFiniteLossError, UserError
 __all__ = [
     "masked_mean", "draw_random_targets", "random_target_ce", "max_entropy_kl", "topk_entropy",
     "token_logprobs", "next_token_mask", "npo_per_sequence", "npo_per_token",
-    "hidden_l2", "kl_retain", "kl_distill", "nll",
-    "mse_to_teacher", "relu_cosine", "orthogonality", "rmu_control_vector", "rmu_forget",
-    "rmu_retain", "argmax_agreement", "l2sp", "check_finite",
+    "kl_retain", "kl_distill", "nll", "argmax_agreement", "bool_mask", "l2sp", "check_finite",
 ]
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _bool_mask(mask: Tensor, values: Tensor, what: str = "values") -> Tensor:
+def bool_mask(mask: Tensor, values: Tensor, what: str = "values") -> Tensor:
     """``mask`` as bool, checked against the leading ``[batch, seq]`` of ``values``."""
     if tuple(mask.shape) != tuple(values.shape[:2]):
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the {what} have "
@@ -60,30 +60,9 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     ``torch.where`` rather than multiplication, so a non-finite value at a masked position
     cannot leak into the result.
     """
-    m = _bool_mask(mask, values)
+    m = bool_mask(mask, values)
     total = torch.where(m, values.float(), 0.0).sum()
     return total / m.sum().clamp_min(1)
-
-
-def _per_layer(current: Mapping[int, Tensor], reference: Mapping[int, Tensor] | None,
-               per_token, mask: Tensor) -> Tensor:
-    """Mean over the layers of ``current`` of ``masked_mean(per_token(cur, ref), mask)``."""
-    if not current:
-        raise ValueError("no layers given: the activation dict is empty")
-    if reference is not None:
-        missing = sorted(set(current) - set(reference))
-        if missing:
-            raise ValueError(f"layers {missing} are in the current activations but not in the "
-                             f"reference ones (which have {sorted(reference)})")
-    values = []
-    for layer, acts in current.items():
-        ref = None if reference is None else reference[layer].detach().float()
-        values.append(masked_mean(per_token(acts.float(), ref), mask))
-    return torch.stack(values).mean()
-
-
-def _as_layers(acts: Mapping[int, Tensor] | Tensor) -> Mapping[int, Tensor]:
-    return {0: acts} if isinstance(acts, Tensor) else acts
 
 
 # ----------------------------------------------------------------------------- forget losses
@@ -108,7 +87,7 @@ def random_target_ce(logits: Tensor, mask: Tensor, targets: Tensor, normalize: b
     did, so a uniform output reads exactly 1.0, and the expectation over uniformly random
     targets equals :func:`max_entropy_kl`. ``targets`` is ``[batch, seq]``.
     """
-    m = _bool_mask(mask, logits, "logits")
+    m = bool_mask(mask, logits, "logits")
     if tuple(targets.shape) != tuple(m.shape):
         raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(m.shape)}")
     z = logits.float()
@@ -156,7 +135,7 @@ def max_entropy_kl(logits: Tensor, mask: Tensor) -> Tensor:
     ``1 + KL(U || p) / log V``: exactly 1.0 for a uniform output, larger the more peaked ``p``.
     Computed from logits as ``(logsumexp(z) - mean(z)) / log V`` (no [.., V] log-softmax kept).
     """
-    m = _bool_mask(mask, logits, "logits")
+    m = bool_mask(mask, logits, "logits")
     return masked_mean(rowwise(lambda z: _uniform_ce(z.float()), logits) / math.log(logits.shape[-1]), m)
 
 
@@ -171,7 +150,7 @@ def topk_entropy(logits: Tensor, mask: Tensor, k: int) -> Tensor:
     if not 2 <= k <= vocab:
         raise UserError(f"top_k: {k} is out of range; use an integer from 2 to the vocabulary "
                         f"size ({vocab})")
-    m = _bool_mask(mask, logits, "logits")
+    m = bool_mask(mask, logits, "logits")
     top = torch.topk(logits.float(), k, dim=-1).values
     return masked_mean(_uniform_ce(top) / math.log(k), m)
 
@@ -213,7 +192,7 @@ def npo_per_sequence(logp_tokens: Tensor, ref_logp_tokens: Tensor, mask: Tensor,
     the notebook's runs started at 0.69.) Inputs are ``[batch, n]`` token log-probabilities
     (e.g. from :func:`token_logprobs`) and a mask of the same shape.
     """
-    m = _bool_mask(mask, logp_tokens, "log-probabilities")
+    m = bool_mask(mask, logp_tokens, "log-probabilities")
     diff = logp_tokens.float() - ref_logp_tokens.detach().float()
     delta = torch.where(m, diff, 0.0).sum(dim=-1)
     has_tokens = m.any(dim=-1)
@@ -226,22 +205,12 @@ def npo_per_token(logp_tokens: Tensor, ref_logp_tokens: Tensor, mask: Tensor, be
 
     Equals log 2 when p_theta = p_ref.
     """
-    m = _bool_mask(mask, logp_tokens, "log-probabilities")
+    m = bool_mask(mask, logp_tokens, "log-probabilities")
     diff = logp_tokens.float() - ref_logp_tokens.detach().float()
     return masked_mean(F.softplus(beta * diff), m)
 
 
 # ----------------------------------------------------------------------------- retain losses
-
-def hidden_l2(current: Mapping[int, Tensor], original: Mapping[int, Tensor], mask: Tensor) -> Tensor:
-    """Per token L2 norm of (current - original) hidden state, mean over valid tokens, then layers.
-
-    Not squared: the notebook's ``retain_loss`` (~0.1-7) is this norm. Its gradient at zero
-    difference is zero (the first step of LoRA, where current == original, is finite).
-    """
-    return _per_layer(current, original,
-                      lambda cur, ref: torch.linalg.vector_norm(cur - ref, dim=-1), mask)
-
 
 def kl_retain(current_logits: Tensor, original_logits: Tensor, mask: Tensor) -> Tensor:
     """KL(original || current) over the vocabulary at each valid position, then the mean.
@@ -249,7 +218,7 @@ def kl_retain(current_logits: Tensor, original_logits: Tensor, mask: Tensor) -> 
     (The notebook's SFT runs summed over the sequence and divided by the batch size, giving
     retain losses of 10-200; this per-token mean reads those values divided by the length.)
     """
-    m = _bool_mask(mask, current_logits, "logits")
+    m = bool_mask(mask, current_logits, "logits")
     return masked_mean(rowwise(_kl_rows, current_logits, original_logits.detach()), m)
 
 
@@ -278,87 +247,16 @@ def nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     ``mask`` is over the input positions ``[batch, seq]``; the shift is done here
     (see :func:`token_logprobs` and :func:`next_token_mask`).
     """
-    _bool_mask(mask, logits, "logits")
+    bool_mask(mask, logits, "logits")
     return -masked_mean(token_logprobs(logits, labels), next_token_mask(mask, labels))
 
 
-# ----------------------------------------------------------------------------- representation losses
-
-def mse_to_teacher(current: Mapping[int, Tensor], teacher: Mapping[int, Tensor], mask: Tensor) -> Tensor:
-    """Squared error to the teacher's hidden states: mean over the hidden dim, valid tokens, layers.
-
-    The checkpoint-transfer forget loss (the notebook's ``cb_loss``). Any affine map from
-    teacher to model space is applied by the caller before this.
-    """
-    return _per_layer(current, teacher, lambda cur, ref: (cur - ref).pow(2).mean(dim=-1), mask)
-
-
-def relu_cosine(current: Mapping[int, Tensor], original: Mapping[int, Tensor], mask: Tensor) -> Tensor:
-    """Circuit-breaker forget loss: mean over layers and valid tokens of ReLU(cos(current, original)).
-
-    1.0 while the representations are unchanged; 0 once they are orthogonal or opposed.
-    """
-    return _per_layer(current, original,
-                      lambda cur, ref: F.cosine_similarity(cur, ref, dim=-1, eps=1e-8).relu(), mask)
-
-
-def orthogonality(acts: Mapping[int, Tensor] | Tensor, mask: Tensor) -> Tensor:
-    """Within-batch orthogonality term on forget activations (circuit breakers' ``orth_coef``).
-
-    Per layer: mean-pool each sequence's activations over its valid tokens, then take the mean
-    over pairs of distinct sequences (with at least one valid token each) of ReLU(cosine
-    similarity). 1.0 when all forget items point the same way, 0 when they are mutually
-    orthogonal (or opposed). Mean over layers. Fewer than two valid sequences gives 0.
-    (The lab's prototype multiplied this by the mean sequence length; here it stays in [0, 1].)
-    """
-    values = []
-    for layer_acts in _as_layers(acts).values():
-        m = _bool_mask(mask, layer_acts, "activations")
-        a = layer_acts.float()
-        counts = m.sum(dim=1, keepdim=True)
-        pooled = torch.where(m.unsqueeze(-1), a, 0.0).sum(dim=1) / counts.clamp_min(1)
-        unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        sim = (unit @ unit.T).relu()
-        valid = counts.squeeze(1) > 0
-        pairs = valid.unsqueeze(0) & valid.unsqueeze(1)
-        pairs &= ~torch.eye(len(valid), dtype=torch.bool, device=valid.device)
-        values.append(torch.where(pairs, sim, 0.0).sum() / pairs.sum().clamp_min(1))
-    if not values:
-        raise ValueError("no layers given: the activation dict is empty")
-    return torch.stack(values).mean()
-
-
-def rmu_control_vector(hidden_size: int, steering_coef: float,
-                       generator: torch.Generator | None = None) -> Tensor:
-    """RMU's fixed random direction: a uniform [0, 1) vector, normalised, times ``steering_coef``.
-
-    As in the WMDP paper's code (``torch.rand``, not a Gaussian). Returned on the generator's
-    device in float32.
-    """
-    u = torch.rand(hidden_size, generator=generator,
-                   device=generator.device if generator is not None else None)
-    return u / u.norm() * steering_coef
-
-
-def rmu_forget(acts: Tensor, control_vec: Tensor, mask: Tensor) -> Tensor:
-    """RMU forget loss at one layer: MSE between forget activations and the (already scaled)
-    control vector, mean over the hidden dim, then valid tokens. ``control_vec`` is ``[hidden]``
-    or broadcastable to ``acts``."""
-    m = _bool_mask(mask, acts, "activations")
-    target = control_vec.detach().float().to(acts.device)
-    return masked_mean((acts.float() - target).pow(2).mean(dim=-1), m)
-
-
-def rmu_retain(acts: Tensor, original_acts: Tensor, mask: Tensor) -> Tensor:
-    """RMU retain loss at one layer: MSE to the original model's activations, mean over the
-    hidden dim, then valid tokens."""
-    return mse_to_teacher({0: acts}, {0: original_acts}, mask)
-
+# ----------------------------------------------------------------------------- metrics
 
 def argmax_agreement(logits_a: Tensor, logits_b: Tensor, mask: Tensor) -> Tensor:
     """Share of valid positions whose arg-max token is the same under both logits (a metric, no
     gradient): the notebooks' ``retain_acc`` / ``forget_acc``. 0 when no position is valid."""
-    m = _bool_mask(mask, logits_a, "logits")
+    m = bool_mask(mask, logits_a, "logits")
     with torch.no_grad():
         same = (logits_a.argmax(dim=-1) == logits_b.argmax(dim=-1)).float()
         return masked_mean(same, m)

@@ -189,6 +189,26 @@ def test_in_context_points_resume_and_repeat(local, tmp_path, monkeypatch):
                        tmp_path / "x", name="x")
 
 
+def test_a_failing_cell_is_recorded_as_failed_and_a_user_error_still_stops(local, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(in_context.evaluation, "evaluate", boom)
+    icl = InContextConfig(shots=[0, 2], source=str(local / "shots.jsonl"))
+    record = run_in_context(local_cfg(local), icl, tmp_path / "icl", name="icl")
+    assert record["status"] == "failed" and record["error"] == "k=0: RuntimeError: boom"
+    assert read_record(tmp_path / "icl") == record and record["headline"]["value"] is None
+    monkeypatch.setattr(probe, "_probe", boom)
+    record = run_probe(local_cfg(local), ProbeConfig(), tmp_path / "probe", name="probe")
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: boom"
+
+    def bad_input(*args, **kwargs):
+        raise UserError("eval.tasks: no such file")
+    monkeypatch.setattr(probe, "_probe", bad_input)
+    with pytest.raises(UserError, match="eval.tasks"):
+        run_probe(local_cfg(local), ProbeConfig(), tmp_path / "probe2", name="probe2")
+    assert read_record(tmp_path / "probe2")["error"] == "UserError: eval.tasks: no such file"
+
+
 @pytest.mark.slow
 def test_zero_demonstrations_is_the_plain_evaluation(tiny_organism, tmp_path):
     from unlearning.evaluation import evaluate

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from unlearning import evaluation  # looked up at call time, as the fine-tuning attack does
-from unlearning.attacks.record import new_record, resumable_record, write_record
+from unlearning.attacks.record import is_complete, new_record, record_failure, resumable_record, write_record
 from unlearning.core.config import param
-from unlearning.core.errors import ConfigError, DataError, UserError
+from unlearning.core.errors import ConfigError, DataError
 from unlearning.core.faults import fault_point
 from unlearning.core.runtime import resolve_device, seed_everything
 from unlearning.evaluation.evaluate import mean_stderr
@@ -142,8 +142,7 @@ def run_in_context(cfg: Any, icl: InContextConfig, folder: str | Path, *, name: 
     folder = Path(folder)
     settings = in_context_settings(cfg, icl)
     record = resumable_record(folder, settings, resume)
-    if record is not None and record["status"] == "complete":
-        log.info("%s: already complete", name)
+    if is_complete(record, name):
         return record
     seed_everything(cfg.seed)
     [task] = get_tasks(cfg.tasks[:1], organism=cfg.organism or "tiny")
@@ -171,13 +170,8 @@ def run_in_context(cfg: Any, icl: InContextConfig, folder: str | Path, *, name: 
         tasks = [with_demonstrations(task, q, order[:k]) for q, order in zip(questions, orders)]
         try:
             results = evaluation.evaluate(model, tokenizer, tasks, device=device, **kwargs)
-        except Exception as e:  # recorded as failed, never as a number; a user error still stops the command
-            record.update(status="failed", error=f"k={k}: {type(e).__name__}: {e}")
-            write_record(folder, record)
-            log.error("%s: %s", name, record["error"])
-            if isinstance(e, UserError):
-                raise
-            return record
+        except Exception as e:
+            return record_failure(folder, record, e, name, where=f"k={k}: ")
         accs = [results[t.name]["acc"] for t in tasks]
         probs = [results[t.name].get("correct_prob") for t in tasks]
         point = {"k": k, "acc": sum(accs) / len(accs), "acc_stderr": mean_stderr(accs), "n": len(accs),

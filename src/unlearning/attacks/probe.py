@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from unlearning import evaluation  # looked up at call time, as the fine-tuning attack does
-from unlearning.attacks.record import new_record, resumable_record, write_record
+from unlearning.attacks.record import is_complete, new_record, record_failure, resumable_record, write_record
 from unlearning.core.config import param, to_dict
-from unlearning.core.errors import ConfigError, DataError, UserError
+from unlearning.core.errors import ConfigError, DataError
 from unlearning.core.faults import fault_point
 from unlearning.core.runtime import resolve_device, seed_everything
 from unlearning.evaluation.prompts import build_prompt
@@ -212,8 +212,7 @@ def run_probe(cfg: Any, probe: ProbeConfig, folder: str | Path, *, name: str, ro
     folder = Path(folder)
     settings = probe_settings(cfg, probe)
     earlier = resumable_record(folder, settings, resume)
-    if earlier is not None and earlier["status"] == "complete":
-        log.info("%s: already complete", name)
+    if is_complete(earlier, name):
         return earlier
     seed_everything(cfg.seed)
     [task] = get_tasks(cfg.tasks[:1], organism=cfg.organism or "tiny")
@@ -227,13 +226,8 @@ def run_probe(cfg: Any, probe: ProbeConfig, folder: str | Path, *, name: str, ro
     write_record(folder, record)
     try:
         record["result"] = _probe(cfg, probe, task, questions, train, test)
-    except Exception as e:  # recorded as failed (never as a number); a user error still stops the command
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
-        write_record(folder, record)
-        log.error("%s: probe failed: %s", name, record["error"])
-        if isinstance(e, UserError):
-            raise
-        return record
+    except Exception as e:
+        return record_failure(folder, record, e, name)
     record["headline"]["value"] = record["result"]["best_test_acc"]
     record["status"] = "complete"
     write_record(folder, record)

@@ -22,11 +22,14 @@ different ``config`` is a one-line error (as for a fine-tuning curve).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.errors import ConfigError, DataError
+from unlearning.core.errors import ConfigError, DataError, UserError
 from unlearning.core.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 ATTACK_FORMAT = "unlearning.attack/1"
 KINDS = ("finetune", "probe", "in_context")
@@ -73,4 +76,23 @@ def resumable_record(folder: Path, config: dict[str, Any], resume: bool) -> dict
     if changed:
         raise ConfigError(f"{path}: --resume with different settings ({', '.join(changed)} changed); "
                           f"resume with the same options or start under another --name")
+    return record
+
+
+def is_complete(record: dict[str, Any] | None, name: str) -> bool:
+    """Whether a resumed cell has nothing left to do (it says so in the log)."""
+    if record is not None and record["status"] == "complete":
+        log.info("%s: already complete", name)
+        return True
+    return False
+
+
+def record_failure(folder: Path, record: dict[str, Any], error: Exception, name: str, where: str = "") -> dict[str, Any]:
+    """Call from an ``except`` block: the cell is written as failed with ``error`` (never as a number) and
+    returned; a user error (bad input) still stops the command, so it is raised again."""
+    record.update(status="failed", error=f"{where}{type(error).__name__}: {error}")
+    write_record(folder, record)
+    log.error("%s: failed: %s", name, record["error"])
+    if isinstance(error, UserError):
+        raise error
     return record

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import from_dict, merge, read_yaml
+from unlearning.core.config import from_dict, merge, nested, read_yaml
 from unlearning.core.errors import ConfigError, UserError, one_line
 from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json, dumps_json, read_json
@@ -55,18 +55,6 @@ class Grid:
     name: str
     base: dict[str, Any]
     rows: list[GridRow] = field(default_factory=list)
-
-
-def nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def row_name(overrides: dict[str, Any]) -> str:
@@ -109,7 +97,7 @@ def row_config(grid: Grid, row: GridRow, output_dir: str | None = None,
     """The validated RunConfig of one row: base <- row <- ``overrides`` (nested, from the command line)."""
     if overrides and "name" in overrides:
         raise ConfigError("name: a sweep names its rows <grid name>/<row name>; set the grid's name: instead")
-    data = merge(merge(grid.base, nest(row.overrides)), overrides or {})
+    data = merge(merge(grid.base, nested(row.overrides)), overrides or {})
     data["name"] = f"{grid.name}/{row.name}"
     if output_dir:
         data["output_dir"] = output_dir

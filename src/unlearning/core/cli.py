@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from unlearning.core.config import from_dict, merge, read_yaml
+from unlearning.core.config import from_dict, merge, read_yaml, section_for
 from unlearning.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -268,12 +268,7 @@ def _is_option(word: str) -> bool:
 
 
 def _put(tree: dict[str, Any], path: str, value: Any, extend: bool) -> None:
-    node = tree
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{path}: {part} is set both as a value and as a section")
+    node, leaf = section_for(tree, path)
     if extend and isinstance(node.get(leaf), list) and isinstance(value, list):
         node[leaf] = node[leaf] + value
     else:

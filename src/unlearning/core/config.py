@@ -212,13 +212,8 @@ def parse_overrides(args: typing.Sequence[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is set both as a value and as a section")
-        node[parts[-1]] = value
+        node, leaf = section_for(out, key)
+        node[leaf] = value
     return out
 
 
@@ -238,6 +233,27 @@ def flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+def section_for(tree: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The section of ``tree`` that holds dotted ``key`` (made where missing) and the leaf's name:
+    ``section_for(t, "a.b.c")`` is ``(t["a"]["b"], "c")``."""
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is set both as a value and as a section")
+    return node, leaf
+
+
+def nested(dotted: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node, leaf = section_for(out, key)
+        node[leaf] = value
     return out
 
 

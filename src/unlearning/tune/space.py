@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from unlearning.core.cli import Key, walk
-from unlearning.core.config import from_dict, merge
+from unlearning.core.config import from_dict, merge, nested
 from unlearning.core.errors import ConfigError
 from unlearning.evaluation.tasks import TASKS, split_task_names
 from unlearning.methods import METHODS, method_module
@@ -204,17 +204,6 @@ def parse_over(items: list[str], method: str) -> list[SearchParam]:
             raise ConfigError(f"over: {p.key} is given twice; give each key once")
         seen.add(p.key)
     return params
-
-
-def nested(values: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def corners(params: list[SearchParam]) -> list[dict[str, Any]]:

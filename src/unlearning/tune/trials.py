@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unlearning.core.config import from_dict, merge
+from unlearning.core.config import from_dict, merge, nested
 from unlearning.core.errors import ConfigError, one_line
 from unlearning.core.io import atomic_write_json
 from unlearning.runner import RunConfig, run
-from unlearning.tune.space import Objective, SearchParam, nested
+from unlearning.tune.space import Objective, SearchParam
 
 log = logging.getLogger(__name__)
 

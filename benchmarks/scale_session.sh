@@ -21,10 +21,10 @@ fi
 if [[ $parts == *eval* ]]; then
   stamp eval-wmdp
   python3 benchmarks/lmeval_reference.py --random-neox --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet \
-    --batch-size auto 32 64 --compare --out "$out/eval_wmdp.json" | tail -40
+    --batch-size auto 32 64 --compare --our-batch-size 32 64 128 --out "$out/eval_wmdp.json" | tail -40
   stamp eval-mmlu
   python3 benchmarks/lmeval_reference.py --model /tmp/neox --tasks mmlu=$MMLU \
-    --batch-size auto 64 --compare --out "$out/eval_mmlu.json" | tail -40
+    --batch-size auto 64 --compare --our-batch-size 32 64 --out "$out/eval_mmlu.json" | tail -40
 fi
 if [[ $parts == *fp32* ]]; then
   [[ -d /tmp/neox ]] || python3 benchmarks/lmeval_reference.py --random-neox --model /tmp/neox --tasks wmdp_bio=/tmp/wmdp.parquet --limit 1 >/dev/null

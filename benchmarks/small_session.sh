@@ -12,7 +12,9 @@
 # Usage: bash benchmarks/small_session.sh OUT_DIR [BUDGET_S]. Needs .bench/whl/ (optuna and its dependencies).
 # CPU smoke test of the whole script on tiny: SMOKE=1 bash benchmarks/small_session.sh /tmp/smoke 1200
 # ONLY=tune: the build and the boundary search alone, all the GPU's share to it (JOBS trials at once, default 6).
-# State lives in .gpu/ (ignored, not carried, so a warm machine keeps it between calls); the summaries
+# ONLY=chain: the build, the chain and the letter build, no boundary search (the main job then has the GPU).
+# State lives in .gpu/ (in .gitignore, not carried, so a warm machine keeps it between calls: a folder only in
+# .git/info/exclude is not ignored on the device and is removed before the next call); the summaries
 # are copied to OUT_DIR at the end of every call.
 set -uo pipefail
 out=${1:?OUT_DIR}; budget=${2:-560}
@@ -49,9 +51,10 @@ fi
 [[ -f $g/log/build_$p.json ]] || { echo "the $p organism did not build"; exit 1; }
 
 # 2a. the boundary search (stops starting trials 100 s before the budget; a rerun resumes the study)
-stamp "tune (background)"
+if [[ ${ONLY:-} != chain ]]; then stamp "tune (background)"
 ( timeout $(( $(left) - 20 )) python3 benchmarks/tune_small.py --out "$g/runs/tune_small" --jobs ${JOBS:-6} \
     --deadline $(( $(left) - ${MARGIN:-100} )) --copy-to "$g/docs" "${tune_args[@]}" > "$g/log/tune.log" 2>&1 ) &
+fi
 
 if [[ ${ONLY:-} == tune ]]; then wait; fi
 # 2b. main job -> UNDO -> attack table

@@ -90,8 +90,11 @@ def test_the_script_reports_lm_evals_scoring_against_ours(setup, tmp_path):
     out = tmp_path / "reference.json"
     assert ref.main(["--model", str(setup["tmp"] / "model"), "--tasks", f"mmlu_anatomy={f['mmlu']}",
                      "--fewshot-data", str(f["dev"]), "--num-fewshot", "2", "--batch-size", "auto", "2",
-                     "--compare", "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+                     "--compare", "--our-batch-size", "1", "4", "--device", "cpu", "--dtype", "float32",
+                     "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert set(report["ours_by_batch"]) == {"1", "4"}  # each of ours timed, the fastest reported
+    assert report["ours"]["evaluate_s"] == min(report["ours_by_batch"].values())
     assert report["questions"] == 5 and report["lm_eval"] == "0.4.13" and report["num_fewshot"] == 2
     for bs in ("auto", "2"):
         timing = report["in_process"][bs]

@@ -57,8 +57,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared model builder
 
-from random_neox import DIMS_6P9B, build_random_neox  # noqa: E402
-from unlearning.evaluation.prompts import LETTERS, subject_header  # noqa: E402
+from random_neox import DIMS_6P9B, build_random_neox, peak_tflops  # noqa: E402
+from unlearning.evaluation.prompts import build_prompt, subject_header  # noqa: E402
 from unlearning.evaluation.tasks import MCQuestion, Task  # noqa: E402
 
 LM_EVAL_VERSION = "0.4.13"
@@ -223,6 +223,18 @@ def lmeval_scores(model, tokenizer, questions: Sequence[MCQuestion] | Sequence[T
                         prompts=[prompts[k] for k in order], setup_seconds=setup)
 
 
+def prompt_tokens(tokenizer, tasks: Sequence[Task]) -> int:
+    """Tokens of every question's zero-shot prompt, each counted once (the four answers share it)."""
+    contexts = [build_prompt(t.format, q.question, q.choices, q.subject or t.subject, t.description)[0]
+                for t in tasks for q in t.questions]
+    return sum(len(ids) for ids in tokenizer(contexts)["input_ids"])
+
+
+def mfu(params: int, tokens: int, seconds: float, peak: float | None) -> float | None:
+    """Model-FLOPs utilisation of a forward over ``tokens``: 2 x params x tokens per second / the peak."""
+    return round(2 * params * tokens / seconds / (peak * 1e12), 3) if peak and seconds > 0 else None
+
+
 def compare(ours: Sequence[Sequence[float]], theirs: LmEvalScores) -> dict[str, Any]:
     """Share of identical predictions and the largest |log-likelihood difference|."""
     assert len(ours) == len(theirs.loglikelihoods)
@@ -360,12 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
         report["model"] = args.model
     report["load_s"] = round(time.perf_counter() - start, 1)
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_tflops(args.device)
+    report.update(params=params, peak_tflops=peak, prompt_tokens=prompt_tokens(tokenizer, tasks) if not args.num_fewshot else None)
 
     report["in_process"] = {}
     for bs in args.batch_size if args.in_process else []:
         scores = lmeval_scores(model, tokenizer, tasks, batch_size=bs if bs.startswith("auto") else int(bs),
                                num_fewshot=args.num_fewshot)
         report["in_process"][bs] = scores.summary()
+        report["in_process"][bs]["mfu"] = mfu(params, report["prompt_tokens"] or 0, scores.seconds, peak)
         if args.compare:
             if "ours" not in report:
                 report["ours_by_batch"] = {}
@@ -374,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        num_fewshot=args.num_fewshot)
                     report["ours_by_batch"][str(our_bs)] = round(seconds, 3)
                 fastest = min(report["ours_by_batch"], key=report["ours_by_batch"].get)
-                report["ours"] = {"evaluate_s": report["ours_by_batch"][fastest], "batch_size": int(fastest)}
+                report["ours"] = {"evaluate_s": report["ours_by_batch"][fastest], "batch_size": int(fastest),
+                                  "mfu": mfu(params, report["prompt_tokens"] or 0, report["ours_by_batch"][fastest], peak)}
             report["in_process"][bs]["vs_ours"] = compare(ours, scores)
             report["ours"].update(compare(ours, scores))  # against the last batch size, as before
         print(json.dumps({f"lm-eval scoring, batch {bs}": report["in_process"][bs]}), flush=True)

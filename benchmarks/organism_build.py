@@ -15,7 +15,6 @@ bars, and where the time went (data, training and evaluation per twin, tokens/s)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time

@@ -8,6 +8,16 @@ needs no trained weights, so nothing is fetched: the model is initialised on the
 from __future__ import annotations
 
 DIMS_6P9B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=16384, num_attention_heads=32)
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}  # dense, no sparsity
+
+
+def peak_tflops(device) -> float | None:
+    """The bf16 dense peak of a CUDA device (MFU's denominator); None on a CPU or an unknown GPU."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 def build_random_neox(dims: dict, *, device: str = "cuda", dtype: str = "bfloat16", seed: int = 0):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared model builder
 
-from random_neox import DIMS_6P9B, build_random_neox  # noqa: E402
+from random_neox import DIMS_6P9B, build_random_neox, peak_tflops  # noqa: E402
 
 from unlearning.core.io import atomic_write_json  # noqa: E402
 from unlearning.data.text import BatchStream, TokenizedData  # noqa: E402
@@ -55,7 +54,6 @@ SHAPES = {  # GPT-NeoX 6.9B (deep-ignorance / Pythia-6.9B layout) and a toy with
     "tiny": dict(num_hidden_layers=6, hidden_size=64, intermediate_size=256, num_attention_heads=4,
                  vocab_size=50304, seq=64, batch=2, layer=3, cb_layers=[1, 2, 3, 4]),
 }
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}
 LR = 1e-5
 FORGET_COEF, RETAIN_COEF = 5.0, 2.0
 
@@ -69,13 +67,6 @@ def random_data(shape: dict, seed: int, rows: int = 64) -> TokenizedData:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape["vocab_size"], (rows, shape["seq"]), generator=g)
     return TokenizedData(ids, torch.ones_like(ids))
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 # ---------------------------------------------------------------------------------------------

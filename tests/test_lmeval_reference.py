@@ -95,6 +95,7 @@ def test_the_script_reports_lm_evals_scoring_against_ours(setup, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["ours_by_batch"]) == {"1", "4"}  # each of ours timed, the fastest reported
     assert report["ours"]["evaluate_s"] == min(report["ours_by_batch"].values())
+    assert report["prompt_tokens"] is None and report["peak_tflops"] is None  # few-shot prompts; a CPU has no peak
     assert report["questions"] == 5 and report["lm_eval"] == "0.4.13" and report["num_fewshot"] == 2
     for bs in ("auto", "2"):
         timing = report["in_process"][bs]
@@ -114,6 +115,7 @@ def test_the_script_saves_and_scores_a_random_neox(setup, tmp_path):
     report = json.loads(out.read_text())
     assert (tmp_path / "neox" / "config.json").is_file() and (tmp_path / "neox" / "tokenizer.json").is_file()
     assert report["ours"]["same_predictions"] == 1.0 and report["ours"]["max_abs_ll_diff"] < 1e-4
+    assert report["prompt_tokens"] > 20 * report["questions"] and report["params"] > 0  # zero-shot: counted
     assert report["in_process"]["4"]["vs_ours"]["questions"] == 8
 
 
@@ -131,3 +133,10 @@ def test_the_whole_command_runs_offline_on_the_task_files(setup):
     n = {t.name: len(t.questions) for t in setup["zero"]}
     assert timed["acc"]["ref_all"] == pytest.approx(
         sum(mine[k]["acc"] * v for k, v in n.items()) / sum(n.values()), abs=1e-12)
+
+
+def test_mfu_is_two_flops_per_parameter_and_token_against_the_peak():
+    # the arithmetic: 1,273 WMDP prompts (~133k tokens) on 6.9B parameters at 989 TFLOP/s take ~1.86 s
+    assert ref.mfu(6_900_000_000, 133_000, 1.856, 989.0) == pytest.approx(1.0, abs=0.002)
+    assert ref.mfu(6_900_000_000, 133_000, 3.712, 989.0) == pytest.approx(0.5, abs=0.002)
+    assert ref.mfu(1, 1, 1.0, None) is None

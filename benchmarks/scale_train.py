@@ -3,7 +3,10 @@
     python benchmarks/scale_train.py                       # the 6.9B GPT-NeoX shape, random weights, one GPU
     python benchmarks/scale_train.py --shape tiny --steps 3   # the same code at a toy shape (CPU smoke test)
 
-Three workloads, each run twice in the same process, one after the other on a freshly built model:
+Three workloads, each run twice (project, reference) on a freshly built model, each run in a process of its
+own (``--in-process`` runs them one after the other in this one): what one run leaves in the CUDA caching
+allocator or in a reference cycle cannot push the next one out of memory (circuit breakers did, after the
+sequential runs, on 2026-12-06):
 
 - ``seq_full``: sequential unlearning, full fine-tuning of layer L (max-entropy forget through the
   probe, KL retain on logits, AdamW), forget + retain batches of 4 x 1024 tokens;
@@ -27,7 +30,9 @@ import argparse
 import copy
 import gc
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shar
 
 from random_neox import DIMS_6P9B, build_random_neox, peak_tflops  # noqa: E402
 
-from unlearning.core.io import atomic_write_json  # noqa: E402
+from unlearning.core.io import atomic_write_json, read_json  # noqa: E402
 from unlearning.data.text import BatchStream, TokenizedData  # noqa: E402
 from unlearning.methods import circuit_breaker, sequential  # noqa: E402
 from unlearning.methods.context import BuildContext  # noqa: E402
@@ -208,6 +213,16 @@ def measure(fn, workload: str, shape: dict, device, dtype, steps: int, warmup: i
     return out
 
 
+def run_alone(args: argparse.Namespace, one: str) -> dict:
+    """One run in a new interpreter (a fresh CUDA context); its figures, or why it produced none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        argv = [sys.executable, __file__, "--shape", args.shape, "--steps", str(args.steps), "--warmup",
+                str(args.warmup), "--one", one, "--out", str(out)] + (["--no-flops"] if args.no_flops else [])
+        done = subprocess.run(argv)
+        return read_json(out) if out.is_file() else {"error": f"the run's process exited with {done.returncode}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="6.9b")
@@ -216,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="seq_full,seq_lora,cb_lora")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_train.json"))
+    ap.add_argument("--in-process", action="store_true", help="every run in this process (default: one process each)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # WORKLOAD:DESIGN, the child of one run
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -226,10 +243,19 @@ def main(argv: list[str] | None = None) -> int:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "bf16_peak_tflops": peak, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    designs = {"project": project_run, "reference": reference_run}
+    if args.one:  # a child: one run, its figures to --out
+        workload, design = args.one.split(":")
+        atomic_write_json(args.out, measure(designs[design], workload, shape, device, dtype, args.steps, args.warmup,
+                                            flops=not args.no_flops))
+        return 0
     for workload in args.workloads.split(","):
         row = {"workload": workload}
-        for design, fn in (("project", project_run), ("reference", reference_run)):
-            m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup, flops=not args.no_flops)
+        for design, fn in designs.items():
+            if args.in_process:
+                m = measure(fn, workload, shape, device, dtype, args.steps, args.warmup, flops=not args.no_flops)
+            else:
+                m = run_alone(args, f"{workload}:{design}")
             if "tflop_per_step" in m:
                 if peak:
                     m["mfu"] = round(m["tflop_per_step"] / (m["ms_per_step"] / 1000) / peak, 3)

@@ -22,7 +22,7 @@ from unlearning.core.config import from_dict, merge
 from unlearning.core.errors import ConfigError
 from unlearning.runner import RunConfig, run
 
-FSDP = {"train": {"parallel": "fsdp"}, "save": {"model": True}}
+FSDP = {"train": {"parallel": "fsdp"}, "save": {"model": True}, "eval": {"before": True}}
 JOBS = {
     "sequential_lora": {"method": "sequential", "sequential": {
         "layers": "3->2:1", "steps_per_layer": 2, "finetune": "lora", "retain_losses": {"l2": 1.0},
@@ -50,11 +50,38 @@ def run_jobs(out: Path, grad_accum: int) -> None:
         run(job_config(name, out, grad_accum))
 
 
+def _spy_on_loading(rank: int, out: Path) -> None:
+    """Record, per job, what this rank's model was when it was sharded and whether this rank read
+    a tensor of the weights file: ``spy-rank<N>.jsonl`` in ``out``."""
+    import json
+    from unlearning.training import fsdp
+    shard, read = fsdp.shard_model, fsdp.read_weights
+    reads: list[str] = []
+
+    def read_weights(path, names=None):
+        reads.append(str(path))
+        return read(path, names)
+
+    def shard_model(model, originals, device, weights=None):
+        params = list(model.parameters())
+        record = {"meta": sum(p.numel() for p in params if p.is_meta), "total": sum(p.numel() for p in params),
+                  "reads_before": len(reads)}
+        shard(model, originals, device, weights)
+        local = [p.to_local() for p in model.parameters()]
+        record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),
+                      local=sum(t.numel() for t in local))
+        with open(out / f"spy-rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
+
+
 def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
     import os
     if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
         os.environ["UNLEARNING_FAULT"] = "train_step:3"
     join_gloo(rank, WORLD, port)
+    _spy_on_loading(rank, Path(out))
     try:
         if mode == "all":
             run_jobs(Path(out), MICRO_BATCHES // WORLD)
@@ -83,7 +110,8 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (job, a["step"], k)
     after = [json.loads((folder / job / "results.json").read_text()) for folder in both]
     assert after[1]["status"] == "complete"
-    assert after[1]["after"]["organism_hazard_cloze"]["acc"] == after[0]["after"]["organism_hazard_cloze"]["acc"]
+    for when in ("before", "after"):  # before: the sharded model just loaded, LoRA adapters off
+        assert after[1][when]["organism_hazard_cloze"]["acc"] == after[0][when]["organism_hazard_cloze"]["acc"]
     # the saved model: full tensors gathered on rank 0 (LoRA merged) equal one process's merged weights.
     # Under full fine-tuning some gradients are float noise (a key bias moves no softmax: its exact
     # gradient is 0) and Adam moves such an element by ~lr per step whatever the noise's size; those
@@ -103,6 +131,24 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
         assert adapters[0].keys() == adapters[1].keys() and adapters[0]
         for k, t in adapters[0].items():
             torch.testing.assert_close(adapters[1][k], t, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_fsdp_no_rank_but_rank_0_reads_the_weights_and_none_holds_the_whole_model(both):
+    """Every rank builds the model on the meta device; only LoRA adapters (the method's own, new
+    parameters) are real before sharding. Rank 0 alone reads the file; each rank then holds about
+    half of every parameter, and nothing is left on meta."""
+    import json
+    ranks = [[json.loads(line) for line in (both[1] / f"spy-rank{r}.jsonl").read_text().splitlines()]
+             for r in range(WORLD)]
+    assert len(ranks[0]) == len(ranks[1]) == len(JOBS)
+    for job, r0, r1 in zip(JOBS, *ranks):
+        for record in (r0, r1):
+            assert record["materialised"], job
+            assert record["total"] - record["meta"] <= (0.05 * record["total"] if job.endswith("lora") else 0), job
+            assert abs(record["local"] - record["total"] / WORLD) <= 0.01 * record["total"], (job, record)
+        assert r1["reads"] == 0, job
+        assert r0["reads"] == r0["reads_before"] + 1, job
 
 
 @pytest.mark.slow

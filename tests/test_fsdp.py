@@ -5,8 +5,11 @@ does for DDP (its brief, helpers and tolerance): sequential LoRA (the probe is t
 switched off inside sharded layers), RMU with LoRA (a representation method: forget, retain and
 no-grad reference passes, forwards stopped after the steered layer), and sequential and RMU full
 fine-tuning (each changed layer's original kept as a sharded module of its own and swapped into
-the layer list for the probe and the reference). The model is saved from full tensors gathered on rank 0, and the
-evaluation after training runs every question on every rank; both must match one process.
+the layer list for the probe and the reference). Every rank builds the model on the meta device and
+loads only its shards, from the file rank 0 alone reads (a spy on each rank checks that); the
+evaluation before training runs on the sharded model. The model is saved from full tensors gathered
+on rank 0, and the evaluation after training runs every question on every rank; all must match one
+process.
 """
 
 from __future__ import annotations
@@ -181,3 +184,57 @@ def test_fsdp_refuses_methods_it_does_not_shard_before_weights_load(tiny_organis
                                              "train": {"parallel": "fsdp"}}))
     with pytest.raises(ConfigError, match="^train.parallel: fsdp is wired for sequential.*use train.parallel ddp"):
         preflight(cfg)
+
+
+def test_meta_build_gives_the_loaded_model_s_adapters_buffers_and_ties(tiny_organism):
+    """What sharding cannot read from the file comes from the meta build itself: LoRA adapters drawn
+    from the seeded RNG as on a loaded model (lora_B too, with init_b_std), the rotary buffers, and
+    the tied unembedding, one parameter under two names."""
+    from unlearning.core.runtime import seed_everything
+    from unlearning.model.loading import load_model
+    from unlearning.model.meta import load_empty
+    from unlearning.training.trainable import LoraSettings, add_lora
+    lora = LoraSettings(r=4, dropout=0.0, init_b_std=0.02)
+    seed_everything(0)
+    loaded = add_lora(load_model("organism:tiny", dtype="fp32", device="cpu")[0], lora)
+    after_loaded = torch.rand(4)
+    seed_everything(0)
+    empty = add_lora(load_empty("organism:tiny", dtype="fp32", device=torch.device("cpu"))[0], lora)
+    assert torch.equal(torch.rand(4), after_loaded)  # the same draws: training's RNG stream is the same
+    params = dict(loaded.named_parameters())
+    assert [n for n, _ in empty.named_parameters()] == list(params)
+    real = {n: p for n, p in empty.named_parameters() if not p.is_meta}
+    assert real and all("lora_" in n for n in real) and all("lora_" not in n or n in real for n in params)
+    for n, p in real.items():
+        assert torch.equal(p, params[n]) and p.requires_grad == params[n].requires_grad, n
+    buffers = dict(loaded.named_buffers())
+    for n, b in empty.named_buffers():
+        assert not b.is_meta and torch.equal(b, buffers[n]), n
+    inner = empty.get_base_model()
+    assert inner.lm_head.weight is inner.get_input_embeddings().weight
+
+
+def test_meta_build_refuses_weights_it_cannot_read_after_sharding(tiny_organism, tmp_path):
+    import shutil
+    from unlearning.model.meta import load_empty
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    shutil.copy(tiny_organism.model / "config.json", folder / "config.json")
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="^train.parallel: fsdp loads the weights after sharding, from "
+                                          "safetensors .* or use train.parallel ddp$"):
+        load_empty(str(folder), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method, section, key", [
+    ("sequential", {"mask": {"kind": "activation"}}, "sequential.mask.kind"),
+    ("circuit_breaker", {"mask": {"kind": "probe", "artifact": "x"}}, "circuit_breaker.mask.kind"),
+    ("rmu", {"steering_relative": True}, "rmu.steering_relative")])
+def test_fsdp_refuses_set_up_steps_that_run_the_model_before_it_loads(tiny_organism, tmp_path, monkeypatch,
+                                                                      method, section, key):
+    import unlearning.preflight as preflight_module
+    monkeypatch.setattr(preflight_module, "world_size", lambda: WORLD)  # as under torchrun
+    cfg = from_dict(RunConfig, merge(BRIEF, {"method": method, method: section, "output_dir": str(tmp_path),
+                                             "train": {"parallel": "fsdp"}}))
+    with pytest.raises(ConfigError, match=f"^{key}: .*weights load only after sharding.*train.parallel ddp$"):
+        preflight_module.preflight(cfg)

@@ -4,6 +4,15 @@ Each decoder layer is a unit of its own and the decoder model (embedding, final 
 unembedding) is the root, so a rank holds 1/N of every parameter, gradient and optimizer state
 between forwards. What the rest of the project needs from a sharded model lives here:
 
+- **Loading.** No rank ever holds the whole model. Every rank builds it on the meta device
+  (``model/meta.load_empty``: parameters on meta, buffers computed on the CPU) and the method sets
+  it up there (LoRA adapters are real, on the CPU, with the values the seeded RNG gives them on a
+  loaded model); :func:`shard_model` then shards it, ``to_empty`` gives each rank storage for its
+  shards only, and ``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``
+  fills them: rank 0 reads the safetensors files into CPU memory (plus the adapters) and broadcasts
+  each full tensor, of which every rank keeps its shard; the others pass an empty dict and never
+  read a tensor of the file. The kept originals are loaded from their layer's tensors the same way,
+  and the non-persistent buffers (rotary ``inv_freq``: in no file) are copied back from the build.
 - **The probe.** LoRA needs nothing: the adapters are switched off inside the sharded layers.
   Under full fine-tuning FSDP2's pre-forward registers the all-gathered *current* parameters
   again, over any original swapped into ``_parameters``; so each changed layer's original is kept
@@ -61,7 +70,7 @@ def shard_model(model: nn.Module, originals: OriginalWeights | None, device: tor
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # What no file holds, taken while the tensors are whole: the method's new parameters (LoRA
-    # adapters, initialised on the CPU under adapters_on_cpu) and the non-persistent buffers.
+    # adapters, left on the CPU by model/meta.kept_on_cpu) and the non-persistent buffers.
     initial = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.is_meta}
     buffers = {model: _buffers(model)}
     kept_modules: list[nn.Module] = []

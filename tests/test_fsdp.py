@@ -188,8 +188,8 @@ def test_fsdp_refuses_methods_it_does_not_shard_before_weights_load(tiny_organis
 
 def test_meta_build_gives_the_loaded_model_s_adapters_buffers_and_ties(tiny_organism):
     """What sharding cannot read from the file comes from the meta build itself: LoRA adapters drawn
-    from the seeded RNG as on a loaded model (lora_B too, with init_b_std), the rotary buffers, and
-    the tied unembedding, one parameter under two names."""
+    from the seeded RNG as on a loaded model (lora_B too, with init_b_std), the rotary buffers, the
+    tied unembedding (one parameter under two names), the config and the generation config."""
     from unlearning.core.runtime import seed_everything
     from unlearning.model.loading import load_model
     from unlearning.model.meta import load_empty
@@ -212,6 +212,8 @@ def test_meta_build_gives_the_loaded_model_s_adapters_buffers_and_ties(tiny_orga
         assert not b.is_meta and torch.equal(b, buffers[n]), n
     inner = empty.get_base_model()
     assert inner.lm_head.weight is inner.get_input_embeddings().weight
+    for attribute in ("config", "generation_config"):  # what the saved model's json files are written from
+        assert getattr(inner, attribute).to_dict() == getattr(loaded.get_base_model(), attribute).to_dict()
 
 
 def test_meta_build_refuses_weights_it_cannot_read_after_sharding(tiny_organism, tmp_path):

@@ -63,6 +63,9 @@ def load_empty(name: str | os.PathLike, *, revision: str | None = None, dtype: A
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype_arg(dtype, device),
                                                  trust_remote_code=trust_remote_code)
     model.tie_weights()  # the context gives each module a new meta parameter, which unties a tied unembedding
+    if (path / "generation_config.json").is_file():  # from_pretrained reads it; the saved model writes it
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is None and tokenizer.unk_token is None:
         raise ConfigError(f"train.parallel: fsdp cannot add a pad token to {name} (new embedding rows are "

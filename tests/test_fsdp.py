@@ -5,8 +5,11 @@ does for DDP (its brief, helpers and tolerance): sequential LoRA (the probe is t
 switched off inside sharded layers), RMU with LoRA (a representation method: forget, retain and
 no-grad reference passes, forwards stopped after the steered layer), and sequential and RMU full
 fine-tuning (each changed layer's original kept as a sharded module of its own and swapped into
-the layer list for the probe and the reference). The model is saved from full tensors gathered on rank 0, and the
-evaluation after training runs every question on every rank; both must match one process.
+the layer list for the probe and the reference). Every rank builds the model on the meta device and
+loads only its shards, from the file rank 0 alone reads (a spy on each rank checks that); the
+evaluation before training runs on the sharded model. The model is saved from full tensors gathered
+on rank 0, and the evaluation after training runs every question on every rank; all must match one
+process.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from unlearning.core.config import from_dict, merge
 from unlearning.core.errors import ConfigError
 from unlearning.runner import RunConfig, run
 
-FSDP = {"train": {"parallel": "fsdp"}, "save": {"model": True}}
+FSDP = {"train": {"parallel": "fsdp"}, "save": {"model": True}, "eval": {"before": True}}
 JOBS = {
     "sequential_lora": {"method": "sequential", "sequential": {
         "layers": "3->2:1", "steps_per_layer": 2, "finetune": "lora", "retain_losses": {"l2": 1.0},
@@ -50,11 +53,38 @@ def run_jobs(out: Path, grad_accum: int) -> None:
         run(job_config(name, out, grad_accum))
 
 
+def _spy_on_loading(rank: int, out: Path) -> None:
+    """Record, per job, what this rank's model was when it was sharded and whether this rank read
+    a tensor of the weights file: ``spy-rank<N>.jsonl`` in ``out``."""
+    import json
+    from unlearning.training import fsdp
+    shard, read = fsdp.shard_model, fsdp.read_weights
+    reads: list[str] = []
+
+    def read_weights(path, names=None):
+        reads.append(str(path))
+        return read(path, names)
+
+    def shard_model(model, originals, device, weights=None):
+        params = list(model.parameters())
+        record = {"meta": sum(p.numel() for p in params if p.is_meta), "total": sum(p.numel() for p in params),
+                  "reads_before": len(reads)}
+        shard(model, originals, device, weights)
+        local = [p.to_local() for p in model.parameters()]
+        record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),
+                      local=sum(t.numel() for t in local))
+        with open(out / f"spy-rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
+
+
 def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
     import os
     if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
         os.environ["UNLEARNING_FAULT"] = "train_step:3"
     join_gloo(rank, WORLD, port)
+    _spy_on_loading(rank, Path(out))
     try:
         if mode == "all":
             run_jobs(Path(out), MICRO_BATCHES // WORLD)
@@ -83,7 +113,8 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (job, a["step"], k)
     after = [json.loads((folder / job / "results.json").read_text()) for folder in both]
     assert after[1]["status"] == "complete"
-    assert after[1]["after"]["organism_hazard_cloze"]["acc"] == after[0]["after"]["organism_hazard_cloze"]["acc"]
+    for when in ("before", "after"):  # before: the sharded model just loaded, LoRA adapters off
+        assert after[1][when]["organism_hazard_cloze"]["acc"] == after[0][when]["organism_hazard_cloze"]["acc"]
     # the saved model: full tensors gathered on rank 0 (LoRA merged) equal one process's merged weights.
     # Under full fine-tuning some gradients are float noise (a key bias moves no softmax: its exact
     # gradient is 0) and Adam moves such an element by ~lr per step whatever the noise's size; those
@@ -103,6 +134,24 @@ def test_fsdp_two_processes_give_one_process_loss_curve(both, job):
         assert adapters[0].keys() == adapters[1].keys() and adapters[0]
         for k, t in adapters[0].items():
             torch.testing.assert_close(adapters[1][k], t, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_fsdp_no_rank_but_rank_0_reads_the_weights_and_none_holds_the_whole_model(both):
+    """Every rank builds the model on the meta device; only LoRA adapters (the method's own, new
+    parameters) are real before sharding. Rank 0 alone reads the file; each rank then holds about
+    half of every parameter, and nothing is left on meta."""
+    import json
+    ranks = [[json.loads(line) for line in (both[1] / f"spy-rank{r}.jsonl").read_text().splitlines()]
+             for r in range(WORLD)]
+    assert len(ranks[0]) == len(ranks[1]) == len(JOBS)
+    for job, r0, r1 in zip(JOBS, *ranks):
+        for record in (r0, r1):
+            assert record["materialised"], job
+            assert record["total"] - record["meta"] <= (0.05 * record["total"] if job.endswith("lora") else 0), job
+            assert abs(record["local"] - record["total"] / WORLD) <= 0.01 * record["total"], (job, record)
+        assert r1["reads"] == 0, job
+        assert r0["reads"] == r0["reads_before"] + 1, job
 
 
 @pytest.mark.slow
@@ -135,3 +184,59 @@ def test_fsdp_refuses_methods_it_does_not_shard_before_weights_load(tiny_organis
                                              "train": {"parallel": "fsdp"}}))
     with pytest.raises(ConfigError, match="^train.parallel: fsdp is wired for sequential.*use train.parallel ddp"):
         preflight(cfg)
+
+
+def test_meta_build_gives_the_loaded_model_s_adapters_buffers_and_ties(tiny_organism):
+    """What sharding cannot read from the file comes from the meta build itself: LoRA adapters drawn
+    from the seeded RNG as on a loaded model (lora_B too, with init_b_std), the rotary buffers, the
+    tied unembedding (one parameter under two names), the config and the generation config."""
+    from unlearning.core.runtime import seed_everything
+    from unlearning.model.loading import load_model
+    from unlearning.model.meta import load_empty
+    from unlearning.training.trainable import LoraSettings, add_lora
+    lora = LoraSettings(r=4, dropout=0.0, init_b_std=0.02)
+    seed_everything(0)
+    loaded = add_lora(load_model("organism:tiny", dtype="fp32", device="cpu")[0], lora)
+    after_loaded = torch.rand(4)
+    seed_everything(0)
+    empty = add_lora(load_empty("organism:tiny", dtype="fp32", device=torch.device("cpu"))[0], lora)
+    assert torch.equal(torch.rand(4), after_loaded)  # the same draws: training's RNG stream is the same
+    params = dict(loaded.named_parameters())
+    assert [n for n, _ in empty.named_parameters()] == list(params)
+    real = {n: p for n, p in empty.named_parameters() if not p.is_meta}
+    assert real and all("lora_" in n for n in real) and all("lora_" not in n or n in real for n in params)
+    for n, p in real.items():
+        assert torch.equal(p, params[n]) and p.requires_grad == params[n].requires_grad, n
+    buffers = dict(loaded.named_buffers())
+    for n, b in empty.named_buffers():
+        assert not b.is_meta and torch.equal(b, buffers[n]), n
+    inner = empty.get_base_model()
+    assert inner.lm_head.weight is inner.get_input_embeddings().weight
+    for attribute in ("config", "generation_config"):  # what the saved model's json files are written from
+        assert getattr(inner, attribute).to_dict() == getattr(loaded.get_base_model(), attribute).to_dict()
+
+
+def test_meta_build_refuses_weights_it_cannot_read_after_sharding(tiny_organism, tmp_path):
+    import shutil
+    from unlearning.model.meta import load_empty
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    shutil.copy(tiny_organism.model / "config.json", folder / "config.json")
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="^train.parallel: fsdp loads the weights after sharding, from "
+                                          "safetensors .* or use train.parallel ddp$"):
+        load_empty(str(folder), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method, section, key", [
+    ("sequential", {"mask": {"kind": "activation"}}, "sequential.mask.kind"),
+    ("circuit_breaker", {"mask": {"kind": "probe", "artifact": "x"}}, "circuit_breaker.mask.kind"),
+    ("rmu", {"steering_relative": True}, "rmu.steering_relative")])
+def test_fsdp_refuses_set_up_steps_that_run_the_model_before_it_loads(tiny_organism, tmp_path, monkeypatch,
+                                                                      method, section, key):
+    import unlearning.preflight as preflight_module
+    monkeypatch.setattr(preflight_module, "world_size", lambda: WORLD)  # as under torchrun
+    cfg = from_dict(RunConfig, merge(BRIEF, {"method": method, method: section, "output_dir": str(tmp_path),
+                                             "train": {"parallel": "fsdp"}}))
+    with pytest.raises(ConfigError, match=f"^{key}: .*weights load only after sharding.*train.parallel ddp$"):
+        preflight_module.preflight(cfg)

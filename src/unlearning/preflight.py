@@ -35,6 +35,7 @@ from unlearning.attacks.probe import ProbeConfig, entity_split
 from unlearning.core.config import to_dict
 from unlearning.core.errors import ConfigError, DataError, UserError
 from unlearning.core.hub import hub_offline
+from unlearning.core.runtime import world_size
 from unlearning.core.rundir import RunDir, StartMode, check_writable, safe_name, start_mode
 from unlearning.data.corpora import is_corpus
 from unlearning.data.text import TextSource, load_texts, organism_corpus
@@ -57,6 +58,9 @@ FREE_ON_RESUME = ("device", "output_dir", "logging.*", "eval.batch_size")
 # The methods whose training runs on a model sharded by FSDP2 (training/fsdp.py): UNDO and TAR keep
 # whole-tensor copies (noised parts, the adversary's functional copy) that sharding would split.
 FSDP_METHODS = ("sequential", "checkpoint_transfer", "circuit_breaker", "rmu")
+# Under FSDP the model is on the meta device while the method is set up (training/fsdp.py), so no
+# set-up step may run it: these mask kinds score the forget tokens with the model.
+MODEL_MASKS = ("activation", "probe", "sae")
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # config.json spellings
 CORPORA = ("forget", "retain", "extra_retain")
 
@@ -277,6 +281,20 @@ def preflight_grid(cells: list[Cell], probe: ProbeConfig, icl: InContextConfig) 
 # ----------------------------------------------------------------------------------------------
 
 
+def check_meta_build(method: str, method_config: Any) -> None:
+    """Refuse the set-up steps that run the model while the method is built: under FSDP its
+    weights load only after sharding, and the model is then on the meta device."""
+    why = "runs the model while the method is set up, and under train.parallel fsdp the weights load only " \
+          "after sharding"
+    mask = getattr(method_config, "mask", None)
+    if mask is not None and mask.kind in MODEL_MASKS:
+        raise ConfigError(f"{method}.mask.kind: {mask.kind} {why}; use mask.kind keyword or hazard, "
+                          f"or train.parallel ddp")
+    if getattr(method_config, "steering_relative", False):
+        raise ConfigError(f"{method}.steering_relative: measuring the activation norm {why}; give an absolute "
+                          f"{method}.steering_coef, or use train.parallel ddp")
+
+
 def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> Plan:
     """Check everything that can be checked before the weights load; raise a one-line UserError
     naming the config key (and the fix) for the first problem. Writes nothing."""
@@ -294,6 +312,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.train.parallel == "fsdp" and cfg.method not in FSDP_METHODS:
         raise ConfigError(f"train.parallel: fsdp is wired for {', '.join(FSDP_METHODS)}, not {cfg.method} "
                           f"(its originals or adversary copies are whole tensors); use train.parallel ddp")
+    if cfg.train.parallel == "fsdp" and world_size() > 1:
+        check_meta_build(cfg.method, method_config)
     plan.depth = model_depth(model_name, cfg.revision)
     if plan.depth is not None:
         check_layers(cfg, method_config, plan.depth)

@@ -13,6 +13,7 @@ and is started afresh by the next run of its name; a complete or unfinished one 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -37,6 +38,8 @@ from unlearning.evaluation import evaluate
 from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, BuildContext, method_module
 from unlearning.model.loading import load_model
+from unlearning.model.meta import load_empty
+from unlearning.model.originals import original_model
 from unlearning.reporting.report import write_training_curves
 from unlearning.preflight import Plan, organism_preset, preflight, resolved_model_name
 from unlearning.tasks import get_tasks
@@ -228,21 +231,32 @@ def _draw_training_curves(rundir: RunDir) -> None:
         log.warning("training curves not drawn (%s); the run goes on", one_line(e))
 
 
+def _evaluate_before(model: Any, tokenizer: Any, cfg: RunConfig, organism: str | None, device: torch.device,
+                     rundir: RunDir, results: dict[str, Any]) -> None:
+    log.info("evaluating the model before unlearning")
+    results["before"] = evaluate_model(model, tokenizer, cfg, organism, device)
+    rundir.write_results(results)
+
+
 def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]) -> dict[str, Any]:
     """Load, evaluate before, train, save, evaluate after; ``results`` is updated (and written) as it goes."""
     model_name, organism, mcfg, resume = plan.model_name, plan.organism, plan.method_config, plan.mode == "resume"
     name = cfg.name or rundir.path.name
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(model_name, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype, device)
-                                  if cfg.model_dtype != "auto" else "auto", device=str(device))
+    dtype = resolve_dtype(cfg.model_dtype, device) if cfg.model_dtype != "auto" else "auto"
+    # Under FSDP no rank holds the whole model: it is built on the meta device, set up by the
+    # method, sharded, and only then materialised and loaded (training/fsdp.py).
+    sharded = cfg.train.parallel == "fsdp" and world_size() > 1
+    if sharded:
+        model, tokenizer, weights = load_empty(model_name, revision=cfg.revision, dtype=dtype, device=device)
+    else:
+        model, tokenizer = load_model(model_name, revision=cfg.revision, dtype=dtype, device=str(device))
     results.update({"model": model_name, "method": cfg.method})
     # Evaluations run on every rank: under torchrun each scores a shard (evaluation/parallel.py);
-    # rank 0 writes.
-    if cfg.eval.before and "before" not in results:
-        log.info("evaluating the model before unlearning")
-        results["before"] = evaluate_model(model, tokenizer, cfg, organism, device)
-        rundir.write_results(results)
+    # rank 0 writes. A sharded model is evaluated once it is loaded, below.
+    if cfg.eval.before and "before" not in results and not sharded:
+        _evaluate_before(model, tokenizer, cfg, organism, device, rundir, results)
 
     data = prepare_data(cfg, tokenizer, organism, plan.texts)
     module = method_module(cfg.method)
@@ -253,9 +267,14 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if cfg.train.parallel == "fsdp" and world_size() > 1:
+    if sharded:
         # after the method's set-up (LoRA adapters, the originals to keep), before any training
-        fsdp.shard_model(model, getattr(method, "originals", None), device)
+        fsdp.shard_model(model, getattr(method, "originals", None), device, weights)
+        if cfg.eval.before and "before" not in results:
+            from peft import PeftModel  # lazy, as in save_model
+            # the original model: LoRA adapters off (lora.init_b_std moves them off zero already)
+            with original_model(model) if isinstance(model, PeftModel) else contextlib.nullcontext():
+                _evaluate_before(model, tokenizer, cfg, organism, device, rundir, results)
     steps = sum(p.steps for p in method.phases())
     log.info(describe_schedule("forget data", len(data["forget"]), steps, cfg.train.batch_size, cfg.train.grad_accum))
     log.info(describe_schedule("retain data", len(data["retain"]), steps, cfg.train.batch_size, cfg.train.grad_accum))

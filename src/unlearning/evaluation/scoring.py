@@ -95,14 +95,18 @@ def _mixed_precision_dtype(model, device: torch.device, mixed_precision: bool | 
 
 @contextlib.contextmanager
 def inference(model, device: str | torch.device | None = None) -> Iterator[torch.device]:
-    """Eval mode and ``torch.inference_mode`` for the block; the training mode is restored after."""
+    """Eval mode and ``torch.inference_mode`` for the block; the training mode is restored after.
+
+    A model sharded by FSDP2 gets ``torch.no_grad`` instead: the buffers its all-gathers fill are
+    made at the first forward and kept, and made under inference mode no later training step could
+    write into them (a run evaluates its sharded model before training, too)."""
     dev = model_device(model) if device is None else resolve_device(str(device))
     if model_device(model) != dev:
         model.to(dev)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
             yield dev
     finally:
         model.train(was_training)

@@ -4,6 +4,15 @@ Each decoder layer is a unit of its own and the decoder model (embedding, final 
 unembedding) is the root, so a rank holds 1/N of every parameter, gradient and optimizer state
 between forwards. What the rest of the project needs from a sharded model lives here:
 
+- **Loading.** No rank ever holds the whole model. Every rank builds it on the meta device
+  (``model/meta.load_empty``: parameters on meta, buffers computed on the CPU) and the method sets
+  it up there (LoRA adapters are real, on the CPU, with the values the seeded RNG gives them on a
+  loaded model); :func:`shard_model` then shards it, ``to_empty`` gives each rank storage for its
+  shards only, and ``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``
+  fills them: rank 0 reads the safetensors files into CPU memory (plus the adapters) and broadcasts
+  each full tensor, of which every rank keeps its shard; the others pass an empty dict and never
+  read a tensor of the file. The kept originals are loaded from their layer's tensors the same way,
+  and the non-persistent buffers (rotary ``inv_freq``: in no file) are copied back from the build.
 - **The probe.** LoRA needs nothing: the adapters are switched off inside the sharded layers.
   Under full fine-tuning FSDP2's pre-forward registers the all-gathered *current* parameters
   again, over any original swapped into ``_parameters``; so each changed layer's original is kept
@@ -27,12 +36,15 @@ for ever. The same forwards everywhere is the simplest correct rule; it costs N-
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts, is_sharded
+from unlearning.model.meta import read_weights, weight_names
 from unlearning.model.originals import OriginalWeights
 
 __all__ = ["full_state", "grad_norm_value", "is_sharded", "load_full_state", "load_optimizer_state",
@@ -46,17 +58,27 @@ def _options(**kw: Any):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def shard_model(model: nn.Module, originals: OriginalWeights | None, device: torch.device) -> None:
+def shard_model(model: nn.Module, originals: OriginalWeights | None, device: torch.device,
+                weights: Path | None = None) -> None:
     """Shard ``model`` in place: every decoder layer, then the decoder model as the root; the
-    originals of fully fine-tuned layers become sharded modules of their own first."""
+    originals of fully fine-tuned layers become sharded modules of their own first.
+
+    ``weights``: the safetensors folder of a model built on the meta device (``model/meta.py``):
+    once sharded it is materialised on ``device`` and loaded from there (see the module docstring)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    # What no file holds, taken while the tensors are whole: the method's new parameters (LoRA
+    # adapters, left on the CPU by model/meta.kept_on_cpu) and the non-persistent buffers.
+    initial = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if not p.is_meta}
+    buffers = {model: _buffers(model)}
+    kept_modules: list[nn.Module] = []
 
     def shard_original(layer: nn.Module) -> None:
+        buffers[layer] = _buffers(layer)
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)  # a root by itself would keep it gathered
-        layer._get_fsdp_state()._lazy_init()  # its own root now: see the module docstring
+        kept_modules.append(layer)
 
     kept = originals is not None and len(originals) > 0
     if kept:
@@ -65,9 +87,72 @@ def shard_model(model: nn.Module, originals: OriginalWeights | None, device: tor
     for layer in parts.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(parts.model, mesh=mesh)
+    if weights is not None:
+        _materialise(model, originals if kept else None, device, weights, initial, buffers)
+    for layer in kept_modules:
+        layer._get_fsdp_state()._lazy_init()  # its own root now: see the module docstring
     parts.model._get_fsdp_state()._lazy_init()  # fix the tree now, before a swapped original is in it
     log.info("FSDP2: %d decoder layers and the root sharded over %d ranks%s", len(parts.layers), mesh.size(),
              f"; originals kept as sharded modules: {originals}" if kept else "")
+
+
+def _file_name(name: str) -> str:
+    """A parameter's name in the weights file: peft's wrapper prefix and ``base_layer`` removed."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s non-persistent buffers (computed on the CPU by ``model/meta.py``)."""
+    persistent = set(module.state_dict())
+    return {n: b.detach().clone() for n, b in module.named_buffers() if n not in persistent}
+
+
+def _materialise(model: nn.Module, originals: OriginalWeights | None, device: torch.device, weights: Path,
+                 initial: dict[str, torch.Tensor], buffers: dict[nn.Module, dict[str, torch.Tensor]]) -> None:
+    """Give the sharded meta model (and the kept originals) storage on ``device`` and load them:
+    rank 0 reads the file into CPU memory and ``set_model_state_dict`` broadcasts each full tensor,
+    of which every rank keeps its shard; the other ranks never read a tensor of the file."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    # Each tied weight once (the unembedding sharing the embedding): loading one name fills both.
+    wanted = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+    wanted = {n for n in wanted if n not in _tied_duplicates(model)}
+    from_file = {n: _file_name(n) for n in wanted if n not in initial}
+    names = weight_names(weights)  # headers, on every rank: a mismatch fails everywhere at once
+    missing = sorted(n for n, f in from_file.items() if f not in names)
+    if missing:
+        raise ConfigError(f"train.parallel: fsdp: {weights} has no tensor {from_file[missing[0]]} for "
+                          f"{missing[0]} ({len(missing)} missing; its names are not the model's); use "
+                          f"train.parallel ddp, which loads through transformers")
+    parts = get_parts(model)
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    model.to_empty(device=device)
+    kept = {k: originals.module(k) for k in originals.keys()} if originals is not None else {}
+    for module in kept.values():
+        module.to_empty(device=device)
+    rank0 = torch.distributed.get_rank() == 0
+    files = read_weights(weights, set(from_file.values())) if rank0 else {}
+    full = {n: files[f] for n, f in from_file.items()} if rank0 else {}
+    full.update(initial if rank0 else {})
+    options = _options(broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, full, options=options)
+    for key, module in kept.items():  # the original of layer ``key``: the file's tensors of that layer
+        prefix = _file_name(layer_names[id(parts.layers[key])] + ".")
+        state = {n: files[prefix + _file_name(n)] for n in module.state_dict()} if rank0 else {}
+        set_model_state_dict(module, state, options=options)
+    del files, full
+    with torch.no_grad():  # to_empty left them uninitialised too
+        for module, saved in buffers.items():
+            for n, b in module.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
+    log.info("FSDP2: materialised on %s and loaded from %s (%s)", device, weights,
+             "read here and broadcast" if rank0 else "shards received from rank 0")
+
+
+def _tied_duplicates(module: nn.Module) -> set[str]:
+    first = {n for n, _ in module.named_parameters()}
+    return {n for n, _ in module.named_parameters(remove_duplicate=False)} - first
 
 
 def full_state(model: nn.Module, names: set[str] | list[str]) -> dict[str, torch.Tensor]:
@@ -129,9 +214,7 @@ def merged_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             merged[f"{prefix}.base_layer.weight"] = (w.float() + delta).to(w.dtype)
     # A tied weight (the unembedding sharing the embedding) is one parameter under two names; the
     # gathered state holds it twice, and save_pretrained (given a state dict) would write both.
-    first = {n for n, _ in inner.named_parameters()}
-    tied = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - first
-    merged = {k.replace(".base_layer.", "."): v for k, v in merged.items() if k not in tied}
+    merged = {k.replace(".base_layer.", "."): v for k, v in merged.items() if k not in _tied_duplicates(inner)}
     return merged, adapter
 
 

@@ -72,7 +72,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = param(
         "ddp", help="under torchrun: ddp (every rank holds the model; DDP averages gradients) or fsdp "
                     "(FSDP2: each decoder layer's parameters, gradients and optimizer state sharded over the "
-                    "ranks; the weights still load whole on each rank first)")
+                    "ranks; the model is built on the meta device and each rank loads only its shards)")
 
     def __post_init__(self) -> None:
         if self.dtype == "fp16" and self.grad_filter != "none":

@@ -9,6 +9,7 @@ representation methods and sequential unlearning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
 from unlearning.model.layers import get_parts, parse_layer_spec
+from unlearning.model.meta import is_empty, kept_on_cpu
 from unlearning.model.originals import OriginalWeights
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,10 @@ def add_lora(model: nn.Module, settings: LoraSettings, default_layers: Sequence[
         raise ConfigError(f"lora.modules: no Linear module of layers {layers} matches {patterns}")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    # on a model built on the meta device (train.parallel fsdp) the adapters stay on the CPU with
+    # their initial values, which sharding then loads (training/fsdp.py)
+    with kept_on_cpu() if is_empty(model) else contextlib.nullcontext():
+        model = get_peft_model(model, config)
     if settings.init_b_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():

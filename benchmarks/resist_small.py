@@ -1,6 +1,6 @@
 """Methods that resist tampering, on the ``small`` organism (one GPU): the main job, UNDO (and TAR), attacked.
 
-    python benchmarks/resist_small.py [--out runs/resist_small] [--tar] [--copy-to docs/figures]
+    python benchmarks/resist_small.py [--out runs/resist_small] [--tar] [--copy-to docs/figures]  # -> docs/figures/resist_small.png, .md
 
 1. builds ``organism:small`` if its cache is missing (about 5 minutes on an H100);
 2. the README's main job (``configs/organism_small.yaml``) -> ``<out>/main``;
@@ -105,22 +105,30 @@ def summarise(runs: dict[str, dict[str, Any]], attacks: dict[str, dict[str, floa
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    """Peak hazard under each attack against general accuracy, one point per model and attack; the base
+    (not attacked: its hazard as it is), chance and the moonshot's band (within 0.05 of the twin's peak)."""
+    from unlearning.reporting.figures import new_figure, save_png
+    fig = new_figure(6.4, 4.8)
+    ax = fig.subplots()
     for recipe, marker in zip(ATTACKS, "os"):
         pts = [(r["general"], r[f"peak_{recipe}"], r["model"]) for r in rows
                if r["general"] is not None and r.get(f"peak_{recipe}") is not None]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{recipe} attack")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{recipe} attack", zorder=3)
         for x, y, name in pts:
             ax.annotate(name.split(" ")[0], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    base = next((r for r in rows if r["model"].endswith("(base)")), None)
+    if base and base["general"] is not None and base["hazard"] is not None:
+        ax.scatter([base["general"]], [base["hazard"]], marker="*", s=160, color="black", zorder=3,
+                   label="base, not attacked")
+    twin = [r[f"peak_{k}"] for r in rows if r["model"].endswith("(twin)") for k in ATTACKS if r.get(f"peak_{k}")]
+    if twin:
+        ax.axhspan(0, max(twin) + 0.05, color="tab:green", alpha=0.08, label="within 0.05 of the twin's peak")
+    ax.axhline(0.25, color="0.5", linestyle="-.", linewidth=1, label="chance (0.25)")
+    ax.set_ylim(0.2, 1.0)
     ax.set_xlabel("general accuracy (before the attack)")
     ax.set_ylabel("peak held-out hazard accuracy under the attack")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=8, loc="upper right")
+    save_png(fig, path)
 
 
 def main(argv: list[str]) -> int:
@@ -175,7 +183,7 @@ def main(argv: list[str]) -> int:
     if args.copy_to:
         Path(args.copy_to).mkdir(parents=True, exist_ok=True)
         for f in ("resist.png", "resist.md"):
-            shutil.copyfile(out / f, Path(args.copy_to) / f"{out.name}_{f}")
+            shutil.copyfile(out / f, Path(args.copy_to) / f"{out.name}{Path(f).suffix}")
     print(table)
     print(f"\ntimings (s): {json.dumps(timings)}")
     return 0

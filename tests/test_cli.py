@@ -113,6 +113,16 @@ def test_run_needs_no_config_file_and_takes_both_spellings(monkeypatch):
     assert seen["cfg"].method == "rmu" and seen["cfg"].name == "y" and seen["resume"] is True
 
 
+def test_a_method_sections_number_lists_take_commas_on_the_command_line(monkeypatch):
+    # tar.* is read as a mapping until the method is known: its lists still follow the comma convention
+    seen = {}
+    monkeypatch.setattr(run_command, "run", lambda cfg, **kwargs: seen.update(cfg=cfg) or {})
+    path = ROOT / "src" / "unlearning" / "configs" / "tar_tiny.yaml"
+    assert run_command.main([str(path), "--tar.adversary_lrs", "2e-5,1e-4", "--tar.adversary_steps", "8,16"]) == 0
+    tar = seen["cfg"].method_config()
+    assert tar.adversary_lrs == [2e-5, 1e-4] and tar.adversary_steps == [8, 16]
+
+
 def test_eval_settings_reach_evaluate_in_run_and_tamper(monkeypatch):
     import unlearning.evaluation as evaluation
     from unlearning import runner

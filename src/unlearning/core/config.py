@@ -73,11 +73,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str) and "," in value and item_tp in (int, float):
+            # "2e-5,1e-4" from the command line under a section read as a mapping (a method's
+            # section, typed only once the method is known): the CLI's comma convention
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and origin is list:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if isinstance(value, dict):

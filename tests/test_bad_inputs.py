@@ -125,6 +125,7 @@ CASES = {
     "tamper missing data": (lambda j, d: ["tamper", "--model", str(j.root / "model"), "--data",
                                           str(d / "gone.jsonl"), "--tasks", f"{j.root / 'q.jsonl'}:cloze"],
                             "gone.jsonl", "check the path"),
+    "tamper missing model": (lambda j, d: ["tamper", "--model", str(d / "runs" / "gone")], "gone", "does not exist"),
     "sweep missing grid": (lambda j, d: ["sweep", str(d / "grid.yaml")], "grid.yaml", "check the path"),
     "sweep unknown override": (lambda j, d: ["sweep", str(Path(cli.__file__).parent / "configs" / "grids"
                                                           / "kl_retain_cb_grid_tiny.yaml"), "--train.bogus=1"],

@@ -27,6 +27,7 @@ from unlearning.attacks.tamper import GENERAL_TASK, AttackConfig, base_model_of,
 from unlearning.core.config import from_dict, merge, param, to_dict
 from unlearning.core.errors import UserError
 from unlearning.core.rundir import safe_name
+from unlearning.model.loading import check_names_a_model
 from unlearning.organism.registry import organism_preset
 
 DATA_ALIASES = {"organism-tamper": "organism:tamper", "organism-benign": "organism:benign_tamper",
@@ -159,6 +160,7 @@ def grid_cells(cfg: AttackGridConfig) -> list[Cell]:
             "optimizer": {"name": optimizer, "lr": lr, "schedule": schedule, **warmup},
             "organism": cfg.attack.organism or organism_preset(model)}))
         if source.startswith("organism:") and attack.organism is None:
+            check_names_a_model(str(model))  # a mistyped path says so, not that it is no organism
             raise UserError(f"data {source}{' (benign)' if source == BENIGN_SOURCE else ''}: the organism's corpora "
                             f"need an organism model, and {model!r} is not one; pass --organism tiny|small or "
                             f"--data PATH")

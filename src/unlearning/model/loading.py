@@ -150,10 +150,17 @@ def resolve_model_path(name: str | os.PathLike, revision: str | None = None, *,
     path = Path(text).expanduser()
     if path.exists():
         return _resolve_local(path, revision)
+    check_names_a_model(text)
+    return _resolve_hub(text, revision, trust_remote_code)
+
+
+def check_names_a_model(text: str) -> None:
+    """A one-line error for a name that is neither an existing local path nor of a hub id's form."""
+    if text.startswith("organism:") or Path(text).expanduser().exists():
+        return
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):
         raise ModelNotFoundError(f"model: {text} does not exist (not a local folder, and not a hub id "
                                  f"of the form owner/name)")
-    return _resolve_hub(text, revision, trust_remote_code)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ changes only that. Evaluation runs as a plain :func:`unlearning.evaluation.evalu
 Training goes through the shared loop (:func:`unlearning.training.loop.train`): the attack is a
 :class:`TamperMethod` (a plain next-token loss, one phase) and its recipe maps onto the loop's
 :class:`~unlearning.training.loop.TrainConfig` (:func:`train_config`), so accumulation, precision,
-clipping and checkpoints are the ones every unlearning method uses.
+clipping and checkpoints are the ones every unlearning method uses. Under torchrun it trains
+with DDP, or (``parallel: fsdp``) on a model built on the meta device and sharded by FSDP2 exactly
+as ``unlearn run``'s (:func:`unlearning.training.fsdp.load_to_train`, ``shard_model``).
 
 The attack's curve goes to ``tamper.json``, written atomically after every evaluation (its format,
 reading and summary numbers: :mod:`unlearning.attacks.curves`). An evaluation that fails is a point

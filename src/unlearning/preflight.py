@@ -43,6 +43,7 @@ from unlearning.methods import method_module
 from unlearning.model.layers import parse_layer_spec
 from unlearning.model.integrity import check_model_folder
 from unlearning.model.loading import resolve_model_path, split_revision
+from unlearning.model.meta import check_shardable
 from unlearning.organism import check_built
 from unlearning.organism.presets import PRESETS
 from unlearning import tasks as task_registry
@@ -249,10 +250,13 @@ def check_tasks(names: Any, key: str = "eval.tasks", settings: Any = None) -> No
 def preflight_attack(cfg: Any, key: str = "attack", read_data: bool = True) -> None:
     """An attack's checks before any folder is written or weights load (``cfg``: an AttackConfig):
     its model resolves and is whole, its local data file reads (``read_data``: the attack trains on
-    it; a probe does not), its tasks resolve."""
+    it; a probe does not), under ``parallel fsdp`` its weights can be read after sharding, its tasks
+    resolve."""
     model_name = resolved_model_name(cfg.model)
     organism = cfg.organism or organism_preset(model_name)
     model_depth(model_name, cfg.revision, key=f"{key}.model")
+    if read_data and cfg.parallel == "fsdp" and world_size() > 1:  # it trains sharded: safetensors only
+        check_shardable(model_name, revision=cfg.revision, key=f"{key}.parallel")
     if read_data:
         read_source(cfg.data, f"{key}.data", organism, cfg.model)
     check_tasks(cfg.eval.tasks, key=f"{key}.eval.tasks", settings=cfg.eval)

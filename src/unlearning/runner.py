@@ -32,13 +32,12 @@ from unlearning.core.logs import FILE_ONLY
 from unlearning.core.paths import runs_root
 from unlearning.core.rundir import RunDir
 from unlearning.core.runtime import (barrier, init_distributed, is_main_process, resolve_device, resolve_dtype,
-                                     seed_everything, world_size)
+                                     seed_everything)
 from unlearning.data.text import BatchStream, TextSource, TokenizedData, describe_schedule, load_texts, mix, tokenize
 from unlearning.evaluation import evaluate
 from unlearning.evaluation.settings import ORGANISM_TASKS, EvalSettings
 from unlearning.methods import METHODS, BuildContext, method_module
 from unlearning.model.loading import load_model
-from unlearning.model.meta import load_empty
 from unlearning.model.originals import original_model
 from unlearning.reporting.report import write_training_curves
 from unlearning.preflight import Plan, organism_preset, preflight, resolved_model_name
@@ -247,11 +246,9 @@ def _unlearn(cfg: RunConfig, plan: Plan, rundir: RunDir, results: dict[str, Any]
     dtype = resolve_dtype(cfg.model_dtype, device) if cfg.model_dtype != "auto" else "auto"
     # Under FSDP no rank holds the whole model: it is built on the meta device, set up by the
     # method, sharded, and only then materialised and loaded (training/fsdp.py).
-    sharded = cfg.train.parallel == "fsdp" and world_size() > 1
-    if sharded:
-        model, tokenizer, weights = load_empty(model_name, revision=cfg.revision, dtype=dtype, device=device)
-    else:
-        model, tokenizer = load_model(model_name, revision=cfg.revision, dtype=dtype, device=str(device))
+    model, tokenizer, weights = fsdp.load_to_train(model_name, cfg.train.parallel, revision=cfg.revision,
+                                                   dtype=dtype, device=device)
+    sharded = weights is not None
     results.update({"model": model_name, "method": cfg.method})
     # Evaluations run on every rank: under torchrun each scores a shard (evaluation/parallel.py);
     # rank 0 writes. A sharded model is evaluated once it is loaded, below.

@@ -1,8 +1,9 @@
 """Running an attack grid's cells (:mod:`unlearning.attacks.cells`) into a run directory.
 
-Every rank runs every cell: under torchrun a fine-tuning attack trains with DDP, and every
-evaluation (a reference, an attack point, the probe's features, the in-context prompts) is scored
-a shard per rank, so a rank that skipped one would leave the others waiting. Files are written by
+Every rank runs every cell: under torchrun a fine-tuning attack trains with DDP (or sharded by
+FSDP2 under ``attack.parallel: fsdp``, its evaluations then every question on every rank), and
+every other evaluation (a reference, the probe's features, the in-context prompts) is scored a
+shard per rank of a replicated model, so a rank that skipped one would leave the others waiting. Files are written by
 rank 0 only (the attack modules and :class:`~unlearning.core.rundir.RunDir` write on the main
 process); the report is assembled there too
 (:func:`unlearning.reporting.attack_report.grid_report`).

@@ -15,7 +15,9 @@ changes only that. Evaluation runs as a plain :func:`unlearning.evaluation.evalu
 Training goes through the shared loop (:func:`unlearning.training.loop.train`): the attack is a
 :class:`TamperMethod` (a plain next-token loss, one phase) and its recipe maps onto the loop's
 :class:`~unlearning.training.loop.TrainConfig` (:func:`train_config`), so accumulation, precision,
-clipping and checkpoints are the ones every unlearning method uses.
+clipping and checkpoints are the ones every unlearning method uses. Under torchrun it trains
+with DDP, or (``parallel: fsdp``) on a model built on the meta device and sharded by FSDP2 exactly
+as ``unlearn run``'s (:func:`unlearning.training.fsdp.load_to_train`, ``shard_model``).
 
 The attack's curve goes to ``tamper.json``, written atomically after every evaluation (its format,
 reading and summary numbers: :mod:`unlearning.attacks.curves`). An evaluation that fails is a point
@@ -47,9 +49,9 @@ from unlearning.core.faults import fault_point
 from unlearning.core.io import atomic_write_json
 from unlearning.core.runtime import barrier, is_main_process, resolve_device, resolve_dtype, seed_everything
 from unlearning.data.text import BatchStream, TextSource, describe_schedule, load_texts, tokenize
-from unlearning.model.loading import load_model
 from unlearning.organism.registry import organism_preset
 from unlearning.tasks import get_tasks
+from unlearning.training import fsdp
 from unlearning.training.checkpoint import Checkpointer, load_tensors
 from unlearning.training.contract import LossTerms, Method, Phase, StepContext
 from unlearning.training.loop import TrainConfig, train
@@ -100,10 +102,24 @@ class AttackConfig:
     seed: int = 0
     device: str = "auto"
     label: str | None = param(None, help="the attack's name in tables and plots")
+    parallel: Literal["ddp", "fsdp"] = param(
+        "ddp", help="under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients "
+                    "and optimizer state sharded over the ranks, each rank loading only its shards; for a "
+                    "model whose full fine-tuning does not fit one GPU). Probe and icl cells train nothing "
+                    "and run replicated either way")
 
     def __post_init__(self) -> None:
         if not self.eval.tasks:
             raise ConfigError("eval.tasks: at least one evaluation task is needed")
+        if self.parallel == "fsdp":  # refused here, as the grid is built: before anything is written
+            # what the loop's TrainConfig refuses under fsdp, named by the attack's own settings
+            if self.dtype == "fp16":
+                raise ConfigError("attack.parallel: fsdp with dtype fp16 (--dtype) needs a sharded loss scaler, "
+                                  "which is not wired; use --dtype bf16, fp32 or auto, or --parallel ddp")
+            if self.optimizer.name == "muon":
+                raise ConfigError("attack.parallel: fsdp with optimizer muon (--optimizer) cannot work: Muon "
+                                  "orthogonalises whole matrices and FSDP shards them; use --optimizer adamw "
+                                  "or --parallel ddp")
 
     @property
     def tasks(self) -> list[str]:
@@ -147,7 +163,7 @@ def eval_steps(steps: int, every: int) -> list[int]:
 def train_config(cfg: AttackConfig) -> TrainConfig:
     """The attack's recipe as the shared loop's settings (one phase of ``cfg.steps`` steps)."""
     return TrainConfig(optimizer=cfg.optimizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                       max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, seed=cfg.seed)
+                       max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, seed=cfg.seed, parallel=cfg.parallel)
 
 
 def lora_settings(cfg: AttackConfig) -> LoraSettings:
@@ -286,10 +302,17 @@ def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, refe
 
     seed_everything(cfg.seed)
     records = load_texts(cfg.data, cfg.organism)[: cfg.examples]  # data errors before the model loads
-    # fp32 master weights whatever the compute precision: autocast casts per operation.
-    model, tokenizer = load_model(cfg.model, revision=cfg.revision, dtype=torch.float32, device=str(device))
+    # fp32 master weights whatever the compute precision: autocast casts per operation. Under
+    # parallel fsdp (torchrun) the model is built on the meta device, as unlearn run's: the LoRA
+    # adapters get their initial values there (add_lora keeps them on the CPU), then it is sharded
+    # and each rank loads its shards of the file rank 0 reads (training/fsdp.py).
+    model, tokenizer, weights = fsdp.load_to_train(cfg.model, cfg.parallel, revision=cfg.revision,
+                                                   dtype=torch.float32, device=device, key="attack.parallel")
     if cfg.lora_rank > 0:
         model = add_lora(model, lora_settings(cfg))
+    sharded = weights is not None
+    if sharded:
+        fsdp.shard_model(model, None, device, weights)  # the attack keeps no originals
     data = tokenize(records, tokenizer, cfg.seq_len, source=cfg.data.source)
     log.info(describe_schedule(f"{name}: tamper data {cfg.data.source}", len(data), cfg.steps,
                                cfg.batch_size, cfg.grad_accum))
@@ -343,7 +366,11 @@ def _run_attack(cfg: AttackConfig, folder: str | Path, *, name: str | None, refe
         if not record(0, dict(step0) if step0 is not None else evaluation_point(model, tokenizer, cfg, device)):
             return curve
     elif curve["points"][-1]["step"] < start:  # the evaluation at the resumption step had failed
-        load_tensors(model, checkpointer.load()["trainable"])  # the weights of that step, to evaluate
+        trained = checkpointer.load()["trainable"]  # the weights of that step, to evaluate
+        if sharded:
+            fsdp.load_full_state(model, trained)
+        else:
+            load_tensors(model, trained)
         if not record(start, evaluation_point(model, tokenizer, cfg, device)):
             return curve
     model.train()

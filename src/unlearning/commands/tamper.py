@@ -24,6 +24,12 @@ fine-tuning summaries, the strongest attack, and ``grid``: the methods x attacks
 :mod:`unlearning.attacks.grid`), ``table.md`` and the plots ``tamper.png`` (curves), ``probe.png``,
 ``in_context.png`` and ``grid.png``. ``--resume`` skips finished cells and continues the others.
 Exit status 1 when an attack failed (its files say why).
+
+Many GPUs: ``torchrun --nproc-per-node N unlearn tamper ...`` trains each fine-tuning cell with DDP
+(every rank holds the model), or with ``--parallel fsdp`` (``attack.parallel``) with FSDP2: the
+model is built on the meta device, sharded, and each rank loads only its shards, for a full
+fine-tuning attack that does not fit one GPU (fp16 and Muon are refused with it). Evaluations run on
+the sharded model; probe and icl cells train nothing and run replicated either way.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ class TamperCommandConfig(AttackGridConfig):
         "revision": "attack.revision", "device": "attack.device", "organism": "attack.organism",
         "tasks": "attack.eval.tasks", "limit": "attack.eval.limit", "eval_batch_size": "attack.eval.batch_size",
         "data_column": "attack.data.column", "data_split": "attack.data.split", "shots": "icl.shots",
-        "weight_decay": "attack.optimizer.weight_decay", "muon_lr": "attack.optimizer.muon_lr"}
+        "weight_decay": "attack.optimizer.weight_decay", "muon_lr": "attack.optimizer.muon_lr",
+        "parallel": "attack.parallel"}
 
     output_dir: str | None = param(None, help="parent of the run directory (default $UNLEARNING_RUNS or runs)")
     name: str | None = param(None, help="run directory name (default tamper-<time>)")

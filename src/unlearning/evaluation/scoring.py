@@ -34,7 +34,7 @@ from unlearning.evaluation.tokens import (  # noqa: F401  (re-exported: the scor
     tok_encode,
     tok_encode_batch,
 )
-from unlearning.model.layers import is_sharded, unwrap_model
+from unlearning.model.layers import is_sharded, reshard, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,14 @@ def inference(model, device: str | torch.device | None = None) -> Iterator[torch
     if model_device(model) != dev:
         model.to(dev)
     was_training = model.training
+    sharded = is_sharded(model)
     model.eval()
     try:
-        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+        with torch.no_grad() if sharded else torch.inference_mode():
             yield dev
     finally:
+        if sharded:  # the root's forward left its parameters gathered (model.layers.reshard says why)
+            reshard(model)
         model.train(was_training)
 
 

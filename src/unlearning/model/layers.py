@@ -159,6 +159,17 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(unwrap_model(model), FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the all-gathered parameters of every FSDP2 unit of ``model``. The root keeps its
+    parameters gathered after a forward (FSDP2 expects the backward next), so after an evaluation
+    its modules would hold the full tensors: an optimizer built then would train those, not the
+    shards (the tamper attack trains the embedding and the unembedding after its step-0 evaluation)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in unwrap_model(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer specs
 

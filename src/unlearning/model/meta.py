@@ -27,11 +27,13 @@ from unlearning.model.integrity import check_model_folder
 from unlearning.model.loading import (_dtype_arg, _is_adapter_folder, _load_tokenizer, prepare_tokenizer,
                                       resolve_model_path)
 
-__all__ = ["is_empty", "kept_on_cpu", "load_empty", "read_weights", "weight_files", "weight_names"]
+__all__ = ["check_shardable", "is_empty", "kept_on_cpu", "load_empty", "read_weights", "weight_files",
+           "weight_names"]
 
 log = logging.getLogger(__name__)
 
-FIX = "save it as a Hugging Face folder with .safetensors weights, or use train.parallel ddp"
+# ``key``: the setting that asked for sharding (train.parallel for a run, attack.parallel for an attack)
+FIX = "save it as a Hugging Face folder with .safetensors weights, or use {key} ddp"
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -42,21 +44,31 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def load_empty(name: str | os.PathLike, *, revision: str | None = None, dtype: Any = "auto",
-               device: torch.device, trust_remote_code: bool = False) -> tuple[Any, Any, Path]:
-    """``(model with parameters on meta, tokenizer, weights folder)`` for ``name``, in eval mode.
-
-    Only a Hugging Face folder with safetensors weights can be read after sharding; any other form
-    (an adapter folder merged while loading, a .gguf file, .bin weights) is a one-line ConfigError."""
-    from accelerate import init_empty_weights  # lazy: transformers imports are seconds
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def check_shardable(name: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False,
+                    key: str = "train.parallel") -> Path:
+    """The folder of ``name``'s safetensors weights, the only form read after sharding; any other
+    form (an adapter folder merged while loading, a .gguf file, .bin weights) is a one-line
+    ConfigError naming ``key``. Cheap (no tensor is read): preflight calls it too."""
     path = resolve_model_path(name, revision, trust_remote_code=trust_remote_code)
     if path.suffix == ".gguf" or _is_adapter_folder(path) or not weight_files(path):
         kind = ".gguf file" if path.suffix == ".gguf" else "adapter folder" if _is_adapter_folder(path) else \
             "folder without .safetensors weights"
-        raise ConfigError(f"train.parallel: fsdp loads the weights after sharding, from safetensors files, and "
-                          f"model {name} is a {kind} ({path}); {FIX}")
+        raise ConfigError(f"{key}: fsdp loads the weights after sharding, from safetensors files, and "
+                          f"model {name} is a {kind} ({path}); {FIX.format(key=key)}")
+    return path
+
+
+def load_empty(name: str | os.PathLike, *, revision: str | None = None, dtype: Any = "auto",
+               device: torch.device, trust_remote_code: bool = False,
+               key: str = "train.parallel") -> tuple[Any, Any, Path]:
+    """``(model with parameters on meta, tokenizer, weights folder)`` for ``name``, in eval mode.
+
+    Only a Hugging Face folder with safetensors weights can be read after sharding
+    (:func:`check_shardable`); errors name ``key``."""
+    from accelerate import init_empty_weights  # lazy: transformers imports are seconds
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = check_shardable(name, revision=revision, trust_remote_code=trust_remote_code, key=key)
     check_model_folder(path)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed on the CPU
@@ -68,8 +80,8 @@ def load_empty(name: str | os.PathLike, *, revision: str | None = None, dtype: A
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     tokenizer = _load_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is None and tokenizer.unk_token is None:
-        raise ConfigError(f"train.parallel: fsdp cannot add a pad token to {name} (new embedding rows are "
-                          f"in no weights file); give the tokenizer a pad token or use train.parallel ddp")
+        raise ConfigError(f"{key}: fsdp cannot add a pad token to {name} (new embedding rows are "
+                          f"in no weights file); give the tokenizer a pad token or use {key} ddp")
     prepare_tokenizer(tokenizer, model)
     model.eval()
     log.info("built %s from %s on the meta device (%s); its weights load after sharding",

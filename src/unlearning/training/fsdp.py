@@ -43,12 +43,14 @@ import torch
 from torch import nn
 
 from unlearning.core.errors import ConfigError
+from unlearning.core.runtime import world_size
 from unlearning.model.layers import get_parts, is_sharded
-from unlearning.model.meta import read_weights, weight_names
+from unlearning.model.loading import load_model
+from unlearning.model.meta import load_empty, read_weights, weight_names
 from unlearning.model.originals import OriginalWeights
 
 __all__ = ["full_state", "grad_norm_value", "is_sharded", "load_full_state", "load_optimizer_state",
-           "merged_lora_state", "optimizer_state", "shard_model"]
+           "load_to_train", "merged_lora_state", "optimizer_state", "shard_model"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,19 @@ log = logging.getLogger(__name__)
 def _options(**kw: Any):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
+
+
+def load_to_train(name: str, parallel: str, *, revision: str | None = None, dtype: Any = "auto",
+                  device: torch.device, key: str = "train.parallel") -> tuple[Any, Any, Path | None]:
+    """``(model, tokenizer, weights)`` of a model about to be trained (``unlearn run`` and the
+    tamper attack load through here, so both shard alike). Under ``parallel: fsdp`` with several
+    ranks: built on the meta device, and ``weights`` the folder :func:`shard_model` loads it from
+    once the caller has set it up (``key``: the setting named in errors). Otherwise (one process,
+    or ``ddp``) the loaded model and ``None``."""
+    if parallel == "fsdp" and world_size() > 1:
+        return load_empty(name, revision=revision, dtype=dtype, device=device, key=key)
+    model, tokenizer = load_model(name, revision=revision, dtype=dtype, device=str(device))
+    return model, tokenizer, None
 
 
 def shard_model(model: nn.Module, originals: OriginalWeights | None, device: torch.device,

@@ -7,8 +7,10 @@ leaves the test waiting in a collective. Each rank computes on one thread: two r
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -39,3 +41,30 @@ def one_and_two_processes(worker, run_single, tmp_path_factory, world: int) -> t
     finally:
         torch.set_num_threads(threads)
     return single, double
+
+
+def spy_on_loading(rank: int, out: Path) -> None:
+    """Record, each time this rank shards a model (``training.fsdp.shard_model``), which parameters were
+    real (not meta) before, their sizes, and whether this rank had read a tensor of the weights file
+    (``fsdp.read_weights``) then and after: one JSON line per model in ``out/spy-rank<N>.jsonl``."""
+    from unlearning.training import fsdp
+    shard, read = fsdp.shard_model, fsdp.read_weights
+    reads: list[str] = []
+
+    def read_weights(path, names=None):
+        reads.append(str(path))
+        return read(path, names)
+
+    def shard_model(model, originals, device, weights=None):
+        params = list(model.named_parameters())
+        record = {"real": [n for n, p in params if not p.is_meta], "meta": sum(p.numel() for _, p in params if p.is_meta),
+                  "total": sum(p.numel() for _, p in params), "reads_before": len(reads)}
+        shard(model, originals, device, weights)
+        local = [p.to_local() for p in model.parameters()]
+        record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),
+                      local=sum(t.numel() for t in local))
+        with open(Path(out) / f"spy-rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
+

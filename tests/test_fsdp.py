@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from test_distributed import BRIEF, MICRO_BATCHES, WORLD, curve
-from gloo import free_port, join_gloo, one_and_two_processes
+from gloo import free_port, join_gloo, one_and_two_processes, spy_on_loading
 from unlearning.core.config import from_dict, merge
 from unlearning.core.errors import ConfigError
 from unlearning.runner import RunConfig, run
@@ -53,38 +53,12 @@ def run_jobs(out: Path, grad_accum: int) -> None:
         run(job_config(name, out, grad_accum))
 
 
-def _spy_on_loading(rank: int, out: Path) -> None:
-    """Record, per job, what this rank's model was when it was sharded and whether this rank read
-    a tensor of the weights file: ``spy-rank<N>.jsonl`` in ``out``."""
-    import json
-    from unlearning.training import fsdp
-    shard, read = fsdp.shard_model, fsdp.read_weights
-    reads: list[str] = []
-
-    def read_weights(path, names=None):
-        reads.append(str(path))
-        return read(path, names)
-
-    def shard_model(model, originals, device, weights=None):
-        params = list(model.parameters())
-        record = {"meta": sum(p.numel() for p in params if p.is_meta), "total": sum(p.numel() for p in params),
-                  "reads_before": len(reads)}
-        shard(model, originals, device, weights)
-        local = [p.to_local() for p in model.parameters()]
-        record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),
-                      local=sum(t.numel() for t in local))
-        with open(out / f"spy-rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
-
-
 def _worker(rank: int, port: int, out: str, mode: str = "all") -> None:
     import os
     if mode == "killed":  # both ranks SIGKILL themselves after step 3 (a checkpoint of phase 2, mid-phase)
         os.environ["UNLEARNING_FAULT"] = "train_step:3"
     join_gloo(rank, WORLD, port)
-    _spy_on_loading(rank, Path(out))
+    spy_on_loading(rank, Path(out))
     try:
         if mode == "all":
             run_jobs(Path(out), MICRO_BATCHES // WORLD)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloo import free_port, join_gloo, one_and_two_processes
+from gloo import free_port, join_gloo, one_and_two_processes, spy_on_loading
 from unlearning.core.errors import ConfigError
 
 WORLD = 2
@@ -37,36 +37,11 @@ def tamper(out: Path, grad_accum: int, *args: str) -> int:
     return main([*RECIPE, *args, "--grad-accum", str(grad_accum), "--output-dir", str(out)])
 
 
-def _spy_on_loading(rank: int, out: Path) -> None:
-    """Record, per attack, which parameters were real (not meta) when the model was sharded and
-    whether this rank read a tensor of the weights file: ``spy-rank<N>.jsonl`` in ``out``."""
-    from unlearning.training import fsdp
-    shard, read = fsdp.shard_model, fsdp.read_weights
-    reads: list[str] = []
-
-    def read_weights(path, names=None):
-        reads.append(str(path))
-        return read(path, names)
-
-    def shard_model(model, originals, device, weights=None):
-        params = list(model.named_parameters())
-        record = {"real": [n for n, p in params if not p.is_meta], "total": sum(p.numel() for _, p in params),
-                  "reads_before": len(reads)}
-        shard(model, originals, device, weights)
-        local = [p.to_local() for p in model.parameters()]
-        record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),
-                      local=sum(t.numel() for t in local))
-        with open(out / f"spy-rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
-
-
 def _worker(rank: int, port: int, out: str, mode: str = "grid") -> None:
     if mode == "killed":  # both ranks SIGKILL themselves after step 3: state.pt holds step 2
         os.environ["UNLEARNING_FAULT"] = "train_step:3"
     join_gloo(rank, WORLD, port)
-    _spy_on_loading(rank, Path(out))
+    spy_on_loading(rank, Path(out))
     try:
         if mode == "grid":
             assert tamper(Path(out), MICRO_BATCHES // WORLD, *GRID) == 0

@@ -68,3 +68,23 @@ def spy_on_loading(rank: int, out: Path) -> None:
 
     fsdp.read_weights, fsdp.shard_model = read_weights, shard_model
 
+
+def check_sharded_loading(folder: Path, names: list[str], world: int, lora) -> None:
+    """What :func:`spy_on_loading` saw, one model per name in ``names``: on every rank the parameters
+    were meta before sharding but for LoRA adapters (``lora(name)``: the model has them), each rank then
+    holds about 1/``world`` of every parameter, and rank 0 alone read the weights file, once."""
+    ranks = [[json.loads(line) for line in (Path(folder) / f"spy-rank{r}.jsonl").read_text().splitlines()]
+             for r in range(world)]
+    assert all(len(records) == len(names) for records in ranks), [len(r) for r in ranks]
+    for name, *records in zip(names, *ranks):
+        for record in records:
+            assert record["materialised"], name
+            if lora(name):
+                assert record["real"] and all("lora_" in n for n in record["real"]), name
+            else:
+                assert record["real"] == [], name
+            assert abs(record["local"] - record["total"] / world) <= 0.01 * record["total"], (name, record)
+            assert record["real"] == records[0]["real"], name
+        assert all(r["reads"] == 0 for r in records[1:]), name
+        assert records[0]["reads"] == records[0]["reads_before"] + 1, name
+

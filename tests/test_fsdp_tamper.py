@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloo import free_port, join_gloo, one_and_two_processes, spy_on_loading
+from gloo import check_sharded_loading, free_port, join_gloo, one_and_two_processes, spy_on_loading
 from unlearning.core.errors import ConfigError
 
 WORLD = 2
@@ -86,20 +86,7 @@ def test_fsdp_attack_under_two_processes_gives_one_process_curve(both, cell):
 def test_fsdp_attack_no_rank_but_rank_0_reads_the_weights_and_none_holds_the_whole_model(both):
     """Every rank builds the attacked model on the meta device; only the LoRA adapters are real
     before sharding. Rank 0 alone reads the file; each rank then holds about half of every parameter."""
-    ranks = [[json.loads(line) for line in (both[1] / f"spy-rank{r}.jsonl").read_text().splitlines()]
-             for r in range(WORLD)]
-    assert len(ranks[0]) == len(ranks[1]) == len(CELLS)
-    for cell, r0, r1 in zip(CELLS, *ranks):
-        for record in (r0, r1):
-            assert record["materialised"], cell
-            if cell.endswith("full"):
-                assert record["real"] == [], cell
-            else:
-                assert record["real"] and all("lora_" in n for n in record["real"]), cell
-            assert abs(record["local"] - record["total"] / WORLD) <= 0.01 * record["total"], (cell, record)
-        assert r0["real"] == r1["real"]
-        assert r1["reads"] == 0, cell
-        assert r0["reads"] == r0["reads_before"] + 1, cell
+    check_sharded_loading(both[1], list(CELLS), WORLD, lora=lambda cell: "lora" in cell)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from unlearning.model.loading import (_dtype_arg, _is_adapter_folder, _load_toke
                                       resolve_model_path)
 
 __all__ = ["check_shardable", "is_empty", "kept_on_cpu", "load_empty", "read_weights", "weight_files",
-           "weight_names"]
+           "weight_names", "weight_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,17 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def check_shardable(name: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False,
-                    key: str = "train.parallel") -> Path:
+                    key: str = "train.parallel", parallel_key: str | None = None) -> Path:
     """The folder of ``name``'s safetensors weights, the only form read after sharding; any other
     form (an adapter folder merged while loading, a .gguf file, .bin weights) is a one-line
-    ConfigError naming ``key``. Cheap (no tensor is read): preflight calls it too."""
+    ConfigError naming ``key`` (and ``parallel_key``, default ``key``, in the fix: a teacher's
+    error names its own setting but the fix is the run's). Cheap (no tensor is read): preflight calls it too."""
     path = resolve_model_path(name, revision, trust_remote_code=trust_remote_code)
     if path.suffix == ".gguf" or _is_adapter_folder(path) or not weight_files(path):
         kind = ".gguf file" if path.suffix == ".gguf" else "adapter folder" if _is_adapter_folder(path) else \
             "folder without .safetensors weights"
         raise ConfigError(f"{key}: fsdp loads the weights after sharding, from safetensors files, and "
-                          f"model {name} is a {kind} ({path}); {FIX.format(key=key)}")
+                          f"model {name} is a {kind} ({path}); {FIX.format(key=parallel_key or key)}")
     return path
 
 
@@ -91,12 +92,17 @@ def load_empty(name: str | os.PathLike, *, revision: str | None = None, dtype: A
 
 def weight_names(path: Path) -> set[str]:
     """The tensor names of folder ``path``'s safetensors files (headers only: no tensor is read)."""
+    return set(weight_shapes(path))
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in folder ``path``'s safetensors files, by name (headers only)."""
     from safetensors import safe_open
-    names: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
-    return names
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
 
 
 def read_weights(path: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:

@@ -20,6 +20,14 @@ between forwards. What the rest of the project needs from a sharded model lives 
   layers, and swapped into the layer list. Each such module is an FSDP root of its own
   (initialised here, before the model's first forward, so the model's root never adopts one
   that happens to sit in the layer list) and reshards after its forward like a layer.
+- **A frozen model.** A model that is only run, never trained (``checkpoint_transfer``'s teacher,
+  an early checkpoint of the model's own architecture), is built on meta by :func:`load_to_train`
+  and sharded and loaded by :func:`shard_frozen` as above: frozen, no optimizer. Its forwards are
+  collectives too, so every rank runs it as often as the others (once per forget micro-batch, its
+  logits on the metric steps, which every rank shares); it runs under ``no_grad`` (inference
+  mode and FSDP2's in-place unshard do not mix in every torch version) and is resharded
+  after each forward (``model.layers.reshard``: the root keeps its parameters gathered for a
+  backward that never comes). Nothing of it is in flight after a forward, so dropping it is safe.
 - **State.** Checkpoints and the saved model hold full tensors: ``get_model_state_dict`` /
   ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True`` gather them on
   rank 0 (collectives: every rank calls them); a resume loads the full tensors on every rank and
@@ -50,7 +58,7 @@ from unlearning.model.meta import load_empty, read_weights, weight_names
 from unlearning.model.originals import OriginalWeights
 
 __all__ = ["full_state", "grad_norm_value", "is_sharded", "load_full_state", "load_optimizer_state",
-           "load_to_train", "merged_lora_state", "optimizer_state", "shard_model"]
+           "load_to_train", "merged_lora_state", "optimizer_state", "shard_frozen", "shard_model"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,14 @@ def shard_model(model: nn.Module, originals: OriginalWeights | None, device: tor
     parts.model._get_fsdp_state()._lazy_init()  # fix the tree now, before a swapped original is in it
     log.info("FSDP2: %d decoder layers and the root sharded over %d ranks%s", len(parts.layers), mesh.size(),
              f"; originals kept as sharded modules: {originals}" if kept else "")
+
+
+def shard_frozen(model: nn.Module, device: torch.device, weights: Path) -> None:
+    """Shard and load a model built on meta (``weights``: its safetensors folder) that is only run,
+    never trained: frozen, each decoder layer a unit and the decoder model the root, as
+    :func:`shard_model` shards the trained one (see *A frozen model* in the module docstring)."""
+    model.eval().requires_grad_(False)  # before sharding: FSDP2 keeps requires_grad on its shards
+    shard_model(model, None, device, weights)
 
 
 def _file_name(name: str) -> str:

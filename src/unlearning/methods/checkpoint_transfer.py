@@ -19,6 +19,11 @@ Coefficients follow the lab trainer (``schedule: notebook``): over the run, reta
 ``retain_coef`` and forget falls from ``remove_coef`` to 0.75 x ``remove_coef``. The notebook's
 learning rate had no warm-up and decayed linearly (transformers' default), weight decay 0.01:
 the shipped configs set ``train.optimizer`` that way.
+
+Under ``train.parallel: fsdp`` with several ranks the teacher is sharded as the model is
+(``training/fsdp.shard_frozen``: built on meta, rank 0 reads its file), so it needs no more memory
+per rank than the model; preflight checks it is the model's architecture and size, in safetensors.
+Its forward is then a collective, which every rank runs alike (see :meth:`CheckpointTransfer.teacher_hidden`).
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from torch import Tensor, nn
 from unlearning.training import hidden_losses, losses
 from unlearning.core.config import param
 from unlearning.core.errors import ConfigError
-from unlearning.model.layers import get_parts
+from unlearning.model.layers import get_parts, is_sharded, reshard
 from unlearning.methods.context import BuildContext
 from unlearning.model.affine import load_affine
-from unlearning.model.loading import load_model
 from unlearning.core.runtime import resolve_dtype
+from unlearning.training.fsdp import load_to_train, shard_frozen
 from unlearning.training.contract import Phase
 from unlearning.methods.representation import (RepresentationConfig, RepresentationMethod,
                                                Schedule, apply_forget_mask, forward_hidden,
@@ -110,14 +115,26 @@ class CheckpointTransfer(RepresentationMethod):
         return self._save_name
 
     def teacher_hidden(self, batch: dict[str, Tensor], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
-        with torch.inference_mode():
+        """The teacher's block outputs (mapped) and, with ``logits``, its logits. A sharded teacher's
+        forward is a collective: every rank calls this once per forget micro-batch, with ``logits`` on
+        the same (metric) steps, since ``metrics_due`` depends on the step alone."""
+        sharded = is_sharded(self.teacher)
+        # Sharded: no_grad, not inference mode: FSDP2's unshard swaps parameters in place keeping their
+        # version counters, which inference tensors lack (a crash in some torch versions, fixed by
+        # pytorch/pytorch#197327); the sharded model's evaluations use no_grad for the same reason.
+        with torch.no_grad() if sharded else torch.inference_mode():
             hidden, out = forward_hidden(self.teacher, batch, self.layers, logits=logits)
             hidden = {i: self.affine[i](h) if i in self.affine else h for i, h in hidden.items()}
+            if sharded:  # the root keeps its parameters gathered after a forward, for a backward never run
+                reshard(self.teacher)
         # Clones outside inference mode are ordinary tensors that autograd may use.
         return {i: h.clone() for i, h in hidden.items()}, (out.clone() if out is not None else None)
 
     def end_phase(self, model: nn.Module, phase: Phase) -> None:
-        self.teacher = None  # training is over: free the teacher's memory before evaluation
+        # Training is over: free the teacher's memory before evaluation. A sharded teacher holds only
+        # its shards here and no collective of it is in flight (each forward ended resharded), so
+        # dropping it on every rank needs no synchronisation.
+        self.teacher = None
 
     def forget_losses(self, model: nn.Module, batch: dict[str, Tensor], mask: Tensor,
                       want_acc: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -135,8 +152,12 @@ def load_teacher(cfg: Config, ctx: BuildContext, model: nn.Module) -> nn.Module:
     name, revision = resolve_teacher(ctx.model_name, cfg.checkpoint, cfg.checkpoint_revision)
     dtype = resolve_dtype(ctx.model_dtype, device) if ctx.model_dtype != "auto" else "auto"
     log.info("teacher: %s%s", name, f" @ {revision}" if revision else "")
-    teacher, _ = load_model(name, revision=revision, dtype=dtype, device=str(device))
-    teacher.eval().requires_grad_(False)
+    # Under fsdp (several ranks) built on meta and sharded like the model; else loaded whole.
+    teacher, _, weights = load_to_train(name, ctx.train.parallel, revision=revision, dtype=dtype, device=device)
+    if weights is not None:
+        shard_frozen(teacher, device, weights)
+    else:
+        teacher.eval().requires_grad_(False)
     t_depth, m_depth = len(get_parts(teacher).layers), len(get_parts(model).layers)
     if t_depth != m_depth:
         log.warning("the teacher has %d layers, the model %d: target layers index each model's own blocks",

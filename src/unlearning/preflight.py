@@ -43,7 +43,7 @@ from unlearning.methods import method_module
 from unlearning.model.layers import parse_layer_spec
 from unlearning.model.integrity import check_model_folder
 from unlearning.model.loading import resolve_model_path, split_revision
-from unlearning.model.meta import check_shardable
+from unlearning.model.meta import check_shardable, weight_shapes
 from unlearning.organism import check_built
 from unlearning.organism.presets import PRESETS
 from unlearning import tasks as task_registry
@@ -299,6 +299,25 @@ def check_meta_build(method: str, method_config: Any) -> None:
                           f"{method}.steering_coef, or use train.parallel ddp")
 
 
+def check_sharded_teacher(model_name: str, revision: str | None, method_config: Any) -> None:
+    """Under train.parallel fsdp ``checkpoint_transfer``'s teacher is sharded as the model is
+    (``training/fsdp.shard_frozen``), which is wired for a teacher of the model's own architecture
+    and size in safetensors: the teacher's tensors (names and shapes, from the files' headers) must
+    be the model's. Else a one-line error naming checkpoint_transfer.checkpoint; ddp loads it whole."""
+    from unlearning.methods.checkpoint_transfer import resolve_teacher  # lazy: one method's rule
+    key, fix = "checkpoint_transfer.checkpoint", "use train.parallel ddp, which loads the teacher whole on every rank"
+    name, teacher_revision = resolve_teacher(model_name, method_config.checkpoint, method_config.checkpoint_revision)
+    model = weight_shapes(check_shardable(model_name, revision=revision))
+    teacher = weight_shapes(check_shardable(name, revision=teacher_revision, key=key, parallel_key="train.parallel"))
+    differ = sorted(set(model) ^ set(teacher)) or sorted(n for n in model if model[n] != teacher[n])
+    if differ:
+        where = differ[0]
+        shapes = f"{teacher.get(where, 'absent')} in the teacher, {model.get(where, 'absent')} in the model"
+        raise ConfigError(f"{key}: under train.parallel fsdp the teacher is sharded like the model and must have "
+                          f"its architecture and size, but {name}{f' @ {teacher_revision}' if teacher_revision else ''} "
+                          f"differs at {where} ({shapes}; {len(differ)} tensors differ); {fix}")
+
+
 def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> Plan:
     """Check everything that can be checked before the weights load; raise a one-line UserError
     naming the config key (and the fix) for the first problem. Writes nothing."""
@@ -318,6 +337,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
                           f"(its originals or adversary copies are whole tensors); use train.parallel ddp")
     if cfg.train.parallel == "fsdp" and world_size() > 1:
         check_meta_build(cfg.method, method_config)
+        if cfg.method == "checkpoint_transfer":
+            check_sharded_teacher(model_name, cfg.revision, method_config)
     plan.depth = model_depth(model_name, cfg.revision)
     if plan.depth is not None:
         check_layers(cfg, method_config, plan.depth)

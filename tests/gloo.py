@@ -44,9 +44,10 @@ def one_and_two_processes(worker, run_single, tmp_path_factory, world: int) -> t
 
 
 def spy_on_loading(rank: int, out: Path) -> None:
-    """Record, each time this rank shards a model (``training.fsdp.shard_model``), which parameters were
-    real (not meta) before, their sizes, and whether this rank had read a tensor of the weights file
-    (``fsdp.read_weights``) then and after: one JSON line per model in ``out/spy-rank<N>.jsonl``."""
+    """Record, each time this rank shards a model (``training.fsdp.shard_model``, which ``shard_frozen``
+    calls too), which parameters were real (not meta) before, their sizes, whether the model was frozen
+    (no parameter requires a gradient: a teacher), and whether this rank had read a tensor of the weights
+    file (``fsdp.read_weights``) then and after: one JSON line per model in ``out/spy-rank<N>.jsonl``."""
     from unlearning.training import fsdp
     shard, read = fsdp.shard_model, fsdp.read_weights
     reads: list[str] = []
@@ -58,7 +59,8 @@ def spy_on_loading(rank: int, out: Path) -> None:
     def shard_model(model, originals, device, weights=None):
         params = list(model.named_parameters())
         record = {"real": [n for n, p in params if not p.is_meta], "meta": sum(p.numel() for _, p in params if p.is_meta),
-                  "total": sum(p.numel() for _, p in params), "reads_before": len(reads)}
+                  "total": sum(p.numel() for _, p in params), "reads_before": len(reads),
+                  "frozen": not any(p.requires_grad for _, p in params)}
         shard(model, originals, device, weights)
         local = [p.to_local() for p in model.parameters()]
         record.update(reads=len(reads), materialised=all(not t.is_meta for t in local),

@@ -121,7 +121,7 @@ class CheckpointTransfer(RepresentationMethod):
         sharded = is_sharded(self.teacher)
         # Sharded: no_grad, not inference mode: FSDP2's unshard swaps parameters in place keeping their
         # version counters, which inference tensors lack (a crash in some torch versions, fixed by
-        # pytorch/pytorch#197327); the sharded model's evaluations use no_grad for the same reason.
+        # pytorch/pytorch#197327). One process and DDP keep inference mode, as before.
         with torch.no_grad() if sharded else torch.inference_mode():
             hidden, out = forward_hidden(self.teacher, batch, self.layers, logits=logits)
             hidden = {i: self.affine[i](h) if i in self.affine else h for i, h in hidden.items()}

@@ -71,7 +71,8 @@ def _options(**kw: Any):
 def load_to_train(name: str, parallel: str, *, revision: str | None = None, dtype: Any = "auto",
                   device: torch.device, key: str = "train.parallel") -> tuple[Any, Any, Path | None]:
     """``(model, tokenizer, weights)`` of a model about to be trained (``unlearn run`` and the
-    tamper attack load through here, so both shard alike). Under ``parallel: fsdp`` with several
+    tamper attack load through here, so both shard alike) or run beside it (``checkpoint_transfer``'s
+    teacher, sharded by :func:`shard_frozen`). Under ``parallel: fsdp`` with several
     ranks: built on the meta device, and ``weights`` the folder :func:`shard_model` loads it from
     once the caller has set it up (``key``: the setting named in errors). Otherwise (one process,
     or ``ddp``) the loaded model and ``None``."""

@@ -119,9 +119,9 @@ class CheckpointTransfer(RepresentationMethod):
         forward is a collective: every rank calls this once per forget micro-batch, with ``logits`` on
         the same (metric) steps, since ``metrics_due`` depends on the step alone."""
         sharded = is_sharded(self.teacher)
-        # Sharded: no_grad, not inference mode: FSDP2's unshard swaps parameters in place keeping their
-        # version counters, which inference tensors lack (a crash in some torch versions, fixed by
-        # pytorch/pytorch#197327). One process and DDP keep inference mode, as before.
+        # Sharded: no_grad, not inference mode, as a sharded model is scored (evaluation/scoring.inference):
+        # FSDP2's unshard writes into tensors that must stay ordinary (version-counted) ones, which
+        # inference tensors are not. One process and DDP keep inference mode, as before.
         with torch.no_grad() if sharded else torch.inference_mode():
             hidden, out = forward_hidden(self.teacher, batch, self.layers, logits=logits)
             hidden = {i: self.affine[i](h) if i in self.affine else h for i, h in hidden.items()}

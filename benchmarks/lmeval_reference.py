@@ -57,15 +57,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared model builder
 
-from random_neox import DIMS_6P9B, build_random_neox, peak_tflops  # noqa: E402
+from random_neox import NEOX_SHAPES, peak_tflops, save_random_neox  # noqa: E402
 from unlearning.evaluation.prompts import build_prompt, subject_header  # noqa: E402
 from unlearning.evaluation.tasks import MCQuestion, Task  # noqa: E402
 
 LM_EVAL_VERSION = "0.4.13"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# issue 18's model shape (random weights are enough for timing)
-NEOX_SHAPES = {"6.9b": DIMS_6P9B,
-               "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)}
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -291,27 +288,6 @@ def time_lmeval_command(model_dir: str | Path, include_path: str | Path, tasks: 
         found = sorted((Path(tmp) / "out").rglob("results_*.json"))
         results = json.loads(found[-1].read_text())["results"] if found else {}
     return {"argv": argv, "seconds": seconds, "acc": {k: v.get("acc,none") for k, v in results.items()}}
-
-
-# ---------------------------------------------------------------------------------------------
-# a random model (issue 18's shape): in memory, or saved as a folder for the command
-
-
-def random_neox(shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16", seed: int = 0):
-    """A random-weight GPT-NeoX of ``shape`` (built on ``device``) and the GPT-NeoX-20B tokenizer."""
-    from unlearning.data import real as realdata
-
-    model = build_random_neox(NEOX_SHAPES[shape], device=device, dtype=dtype, seed=seed)
-    return model.eval(), realdata.load_tokenizer()
-
-
-def save_random_neox(folder: str | Path, shape: str = "6.9b", device: str = "cuda", dtype: str = "bfloat16",
-                     seed: int = 0):
-    """:func:`random_neox`, saved to ``folder`` (HF layout, tokenizer included); returns (model, tokenizer)."""
-    model, tokenizer = random_neox(shape, device=device, dtype=dtype, seed=seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

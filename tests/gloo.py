@@ -90,3 +90,22 @@ def check_sharded_loading(folder: Path, names: list[str], world: int, lora) -> N
         assert all(r["reads"] == 0 for r in records[1:]), name
         assert records[0]["reads"] == records[0]["reads_before"] + 1, name
 
+
+def curve(folder: Path) -> list[dict]:
+    """A run's ``metrics.jsonl``, one dict per step."""
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(single: list[dict], double: list[dict], label: str = "", extra: tuple[str, ...] = ()) -> list[str]:
+    """One process's and several processes' curves step by step: the same steps and phases, and every
+    loss term, the gradient norm and each of ``extra`` present at a step within rtol 1e-4 (abs 1e-7).
+    Returns the loss terms compared."""
+    import pytest
+    assert len(single) == len(double) > 0, label
+    terms = [k for k in single[0] if k.endswith(("_term", "_loss"))] + ["grad_norm"]
+    for a, b in zip(single, double):
+        assert (a["step"], a.get("phase")) == (b["step"], b.get("phase")), label
+        for k in terms + [k for k in extra if k in a]:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (label, a["step"], k)
+    return terms
+

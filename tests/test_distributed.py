@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gloo import join_gloo, one_and_two_processes
+from gloo import assert_same_curve, curve, join_gloo, one_and_two_processes
 from unlearning.core.config import from_dict, merge
 from unlearning.runner import RunConfig, run
 
@@ -71,21 +71,11 @@ def both(tiny_organism, tmp_path_factory):
     return one_and_two_processes(_worker, lambda folder: run_jobs(folder, MICRO_BATCHES), tmp_path_factory, WORLD)
 
 
-def curve(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("job", list(JOBS))
 def test_two_processes_give_one_process_loss_curve(both, job):
     single, double = (curve(folder / job) for folder in both)
-    assert len(single) == len(double) > 0
-    terms = [k for k in single[0] if k.endswith(("_term", "_loss"))] + ["grad_norm"]
-    assert len(terms) >= 3
-    for a, b in zip(single, double):
-        assert (a["step"], a["phase"]) == (b["step"], b["phase"])
-        for k in terms:
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (job, a["step"], k)
+    assert len(assert_same_curve(single, double, job)) >= 3
     if job == "sequential_full":
         assert [r["layer"] for r in single] == [3, 3, 2, 2, 1, 1]  # three phases: DDP wrapped three times
     # the evaluation after training, scored a shard per rank, is one process's

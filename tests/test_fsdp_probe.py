@@ -50,6 +50,18 @@ def _lora_step(model, ids, mask):
     return probe.detach(), current.detach(), grads
 
 
+def _layer_2_changed() -> tuple[torch.nn.Module, OriginalWeights]:
+    """Full fine-tuning's state: layer 2 changed (seeded noise), its original kept in an OriginalWeights store."""
+    model = tiny_model("gpt_neox").train()
+    originals = OriginalWeights(model)
+    originals.snapshot(2)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in get_parts(model).layers[2].parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model, originals
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     join_gloo(rank, 2, port)
     try:
@@ -69,13 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         record["lora_probe_differs_from_current"] = not torch.allclose(plain[0], plain[1], atol=1e-4)
 
         # Full fine-tuning: layer 2 changed, its original kept in an OriginalWeights store
-        model = tiny_model("gpt_neox").train()
-        originals = OriginalWeights(model)
-        originals.snapshot(2)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in get_parts(model).layers[2].parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        model, originals = _layer_2_changed()
         with torch.no_grad(), original_layers_after(model, 1, originals):
             want = _logits(model, ids, mask)  # unsharded: layer 2 computes with its original weights
         _shard(model)
@@ -89,13 +95,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         # The fix (training/fsdp.py): the original of layer 2 kept as a sharded module of its own,
         # swapped into the layer list; the probe is then the original model after layer 1
-        model = tiny_model("gpt_neox").train()
-        originals = OriginalWeights(model)
-        originals.snapshot(2)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in get_parts(model).layers[2].parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        model, originals = _layer_2_changed()
         shard_model(model, originals, torch.device("cpu"))
         with torch.no_grad(), original_layers_after(model, 1, originals):
             got = _logits(model, ids, mask)

@@ -3,7 +3,7 @@
 # (project vs lm-eval 0.4.13) on the random-weight 6.9B GPT-NeoX. Needs .bench/ (see benchmarks/README.md):
 #   .bench/whl/*.whl           lm-eval 0.4.13 and the dependencies the GPU image lacks
 #   .bench/home/real/          the real MMLU questions and the GPT-NeoX-20B tokenizer (python -m unlearning.data.real extract)
-# Usage: bash benchmarks/scale_session.sh OUT_DIR [train] [eval] [commands]
+# Usage: bash benchmarks/scale_session.sh OUT_DIR [train] [eval] [commands]   (WORKLOADS=cb_lora: only those training rows)
 set -uo pipefail
 out=${1:?OUT_DIR}; shift
 parts=${*:-train eval commands}
@@ -16,7 +16,7 @@ stamp() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
 python3 benchmarks/wmdp_shaped.py /tmp/wmdp.parquet
 MMLU=$UNLEARNING_HOME/real/mmlu/test.parquet
 if [[ $parts == *train* ]]; then
-  stamp train; python3 benchmarks/scale_train.py --out "$out/scale_train.json" 2>&1 | grep -v "it/s]$"
+  stamp train; python3 benchmarks/scale_train.py --workloads "${WORKLOADS:-seq_full,seq_lora,cb_lora}" --out "$out/scale_train.json" 2>&1 | grep -v "it/s]$"
 fi
 if [[ $parts == *eval* ]]; then
   stamp eval-wmdp

@@ -29,13 +29,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--name", default="attack-table-small")
     ap.add_argument("--docs", default="docs")
     ap.add_argument("--lr", default="2e-5,1e-4", help="the fine-tuning attacks' learning rates (a list)")
+    ap.add_argument("--attacks", default="full,lora16,lora64,probe,icl", help="the attack kinds (a list)")
     ap.add_argument("--resume", action="store_true", help="(implied when the run folder exists: complete cells are kept)")
     a = ap.parse_args(argv)
     run = runs_root() / a.name  # where unlearn tamper puts it ($UNLEARNING_RUNS or ./runs)
     resume = a.resume or run.exists()
     common = ["--organism", a.preset, "--steps", str(a.steps), "--eval-every", str(max(1, a.steps // 5)),
               "--eval-general", "--name", a.name, *(["--resume"] if resume else [])]
-    rc = tamper.main(["--model", *a.runs, "--attacks", "full,lora16,lora64,probe,icl", "--data", "tamper",
+    rc = tamper.main(["--model", *a.runs, "--attacks", a.attacks, "--data", "tamper",
                       "--lr", a.lr, *common])
     docs = Path(a.docs)
     docs.mkdir(exist_ok=True)

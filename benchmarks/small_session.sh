@@ -2,17 +2,17 @@
 # Issues 19 and 20 on organism:small, one GPU, spread over several device calls of < 10 minutes each on
 # one warm machine. Every stage is resumable and skipped once complete, so the same command is simply
 # run again in the next call (a cold machine starts over from the build; nothing is lost but time):
-#   1. the small organism (benchmarks/organism_build.py, timed), alone on the GPU;
+#   1. the small organism (benchmarks/organism_build.py, timed), and beside it the letter-format organism
+#      (organism_build.py --preset small-letter; issue 20);
 #   2. then, side by side on the one GPU (the 32-layer hidden-256 model leaves most of it idle):
 #      a. the boundary search: benchmarks/tune_small.py (24 Optuna trials; issue 19);
 #      b. the chain: the README main job (configs/organism_small.yaml) -> UNDO from it (configs/undo_small.yaml)
 #         -> the methods x attacks table (benchmarks/attack_table_small.py; issue 20);
-#      c. the letter-format organism (organism_build.py --preset small-letter; issue 20), once the chain's
-#         first run is done.
 # Usage: bash benchmarks/small_session.sh OUT_DIR [BUDGET_S]. Needs .bench/whl/ (optuna and its dependencies).
 # CPU smoke test of the whole script on tiny: SMOKE=1 bash benchmarks/small_session.sh /tmp/smoke 1200
 # ONLY=tune: the build and the boundary search alone, all the GPU's share to it (JOBS trials at once, default 6).
 # ONLY=chain: the build, the chain and the letter build, no boundary search (the main job then has the GPU).
+# UNDO_ARGS='--undo.pretrain_fraction 0.3': overrides for the UNDO run; ATTACKS=full,lora16,probe,icl: the table's attacks.
 # State lives in .gpu/ (in .gitignore, not carried, so a warm machine keeps it between calls: a folder only in
 # .git/info/exclude is not ignored on the device and is removed before the next call); the summaries
 # are copied to OUT_DIR at the end of every call.
@@ -41,6 +41,16 @@ export PYTHONPATH=$g/site:$PWD/src
 unl() { python3 -m unlearning.cli "$@"; }
 complete() { python3 -c "import json,sys; sys.exit(json.load(open('$1/results.json')).get('status') != 'complete')" 2>/dev/null; }
 
+# 1b. the letter-format organism, beside the build (the hidden-256 model leaves most of the GPU idle, so the
+# two builds cost little more than one; its timing is its own preset's budget, not the 3-minute build)
+if [[ ! -f $g/log/build_$p-letter.json && ${ONLY:-} != tune ]]; then
+  ( if (( $(left) > letter_s )); then  # a letter build that cannot finish in this call waits for the next
+      timeout $(( $(left) - 20 )) python3 benchmarks/organism_build.py --preset $p-letter \
+        --out "$g/log/build_$p-letter.json.tmp" > "$g/log/letter.log" 2>&1
+      [[ -f $g/log/build_$p-letter.json.tmp ]] && mv "$g/log/build_$p-letter.json.tmp" "$g/log/build_$p-letter.json"
+    fi ) &
+fi
+
 # 1. the organism, alone on the GPU (its timing is issue 18's "both twins <= 3 min")
 if [[ ! -f $g/log/build_$p.json ]]; then
   stamp "build $p"
@@ -61,23 +71,14 @@ if [[ ${ONLY:-} == tune ]]; then wait; fi
 chain() {
   complete "$g/runs/main" || unl run configs/organism_$p.yaml --name main --output_dir "$g/runs" $( [[ -d $g/runs/main ]] && echo --resume ) \
     || return 1
-  complete "$g/runs/undo" || unl run configs/$undo.yaml --model "$g/runs/main" --name undo --output_dir "$g/runs" \
+  complete "$g/runs/undo" || unl run configs/$undo.yaml --model "$g/runs/main" --name undo --output_dir "$g/runs" ${UNDO_ARGS:-} \
     $( [[ -d $g/runs/undo ]] && echo --resume ) || return 1
-  python3 benchmarks/attack_table_small.py "$g/runs/main" "$g/runs/undo" --docs "$g/docs" "${attack_args[@]}"
+  python3 benchmarks/attack_table_small.py "$g/runs/main" "$g/runs/undo" --docs "$g/docs" --attacks "${ATTACKS:-full,lora16,lora64,probe,icl}" "${attack_args[@]}"
 }
 [[ ${ONLY:-} == tune ]] || { stamp "chain (background)"
-( timeout $(( $(left) - 20 )) bash -c "$(declare -f unl complete chain); g=$g p=$p undo=$undo; attack_args=(${attack_args[*]}); chain" \
+( timeout $(( $(left) - 20 )) bash -c "$(declare -f unl complete chain); g=$g p=$p undo=$undo; UNDO_ARGS='${UNDO_ARGS:-}' ATTACKS=${ATTACKS:-full,lora16,lora64,probe,icl}; attack_args=(${attack_args[*]}); chain" \
     > "$g/log/chain.log" 2>&1 ) & }
 
-# 2c. the letter-format organism, once the main job no longer needs the GPU to itself
-if [[ ! -f $g/log/build_$p-letter.json && ${ONLY:-} != tune ]]; then
-  ( while ! complete "$g/runs/main" && (( $(left) > letter_s )); do sleep 10; done
-    if (( $(left) > letter_s )); then  # a letter build that cannot finish in this call waits for the next
-      timeout $(( $(left) - 20 )) python3 benchmarks/organism_build.py --preset $p-letter \
-        --out "$g/log/build_$p-letter.json.tmp" > "$g/log/letter.log" 2>&1
-      [[ -f $g/log/build_$p-letter.json.tmp ]] && mv "$g/log/build_$p-letter.json.tmp" "$g/log/build_$p-letter.json"
-    fi ) &
-fi
 
 wait
 stamp "all stages stopped"

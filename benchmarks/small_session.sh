@@ -51,7 +51,7 @@ if [[ ! -f $g/log/build_$p-letter.json && ${ONLY:-} != tune ]]; then
     fi ) &
 fi
 
-# 1. the organism, alone on the GPU (its timing is issue 18's "both twins <= 3 min")
+# 1. the organism (its timing is issue 18's "both twins <= 3 min", shared with the letter build when that runs)
 if [[ ! -f $g/log/build_$p.json ]]; then
   stamp "build $p"
   python3 benchmarks/organism_build.py --preset $p --out "$g/log/build_$p.json.tmp" $( [[ -n ${SMOKE:-} ]] && echo --reuse ) \
